@@ -1,0 +1,3 @@
+from vistrain.cli import main
+
+raise SystemExit(main())
