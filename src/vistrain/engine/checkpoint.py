@@ -1,0 +1,515 @@
+"""Atomic, resumable checkpoints.
+
+Layout (a contract shared with the CLI and the docs, see DESIGN.md "Output folder")::
+
+    checkpoints/
+      step_00001000/
+        model.safetensors   all networks, keys prefixed by the caller ("G.", "D.", "G_ema.", ...)
+        config.json         model config, enough to rebuild the networks alone
+        train_state.pt      optimizers, scalers, schedules, sampler position, RNG states, step
+        metrics.json        optional: the metrics known when the checkpoint was written
+      latest                text file: "step_00001000"
+      best                  text file: name of the best folder by the task's metric
+
+Why so careful: a training job can be killed at any instant (preemption, OOM killer, Ctrl-C). A folder
+named ``step_*`` must therefore only ever appear complete: everything is written under a ``.tmp-*``
+name, flushed and fsynced, then renamed in one ``os.replace``. ``latest`` and ``best`` are replaced the
+same way, so a reader sees either the old or the new name, never a half-written one. Leftover
+``.tmp-*`` entries can only come from a killed writer and are removed at the next save.
+
+Security: nothing here unpickles arbitrary objects. Weights go through safetensors and
+``train_state.pt`` is always read with ``torch.load(weights_only=True)``, which is why
+:func:`save_checkpoint` refuses train states holding anything but plain data (see its docstring).
+
+Saving is single-writer: in distributed runs only one process (rank 0) calls the writers here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TRAIN_STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.json"
+LATEST_FILE = "latest"
+BEST_FILE = "best"
+TMP_PREFIX = ".tmp-"
+
+_STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
+# Wrapper modules that insert a path component into state_dict keys. "_orig_mod" (torch.compile) and
+# "_checkpoint_wrapped_module" (activation checkpointing) are torch-internal names, so they are removed
+# wherever they appear (torchtitan-style per-block compile puts them mid-key). "module" (DDP) is also a
+# legal user attribute name, so it is removed only from the front of a key.
+_INTERNAL_WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module")
+_LEADING_WRAPPER_PARTS = ("module",) + _INTERNAL_WRAPPER_PARTS
+
+# Plain types that torch.load(weights_only=True) accepts. Exact types on purpose: numpy scalars
+# subclass float and would pass isinstance, yet pickle as numpy objects that weights_only refuses.
+_PLAIN_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, found or read. The message names the folder or file and says
+    what to do next."""
+
+
+def _resume_hint() -> str:
+    return (
+        "Resume from an earlier checkpoint with run.resume=<path of an earlier step_* folder>, "
+        "or start fresh with run.resume=never."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# names
+
+
+def step_dir_name(step: int) -> str:
+    """Folder name of the checkpoint taken after `step` optimizer steps; zero-padded so that names sort
+    like numbers in file browsers."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+    return f"step_{step:08d}"
+
+
+def _step_of(name: str) -> Optional[int]:
+    match = _STEP_DIR_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest step first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p.name) is not None]
+    return sorted(found, key=lambda p: _step_of(p.name))  # type: ignore[arg-type, return-value]
+
+
+def _read_pointer(root: Path, pointer: str) -> Optional[str]:
+    """The folder name stored in `root/latest` or `root/best`; None if that file does not exist."""
+    path = root / pointer
+    if not path.is_file():
+        return None
+    try:
+        name = path.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise CheckpointError(f"Cannot read {path}: {err}. {_resume_hint()}") from err
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise CheckpointError(
+            f"{path} should hold the name of a checkpoint folder such as 'step_00001000', but holds "
+            f"{name!r}. Fix or delete that file. {_resume_hint()}"
+        )
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------
+# durable writes
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or folder entry to disk. Folders cannot be opened on Windows; there the rename
+    itself is the best we can do."""
+    if path.is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through `write(file)`, then flush and fsync so the bytes are on disk before any rename."""
+    with open(path, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_text_atomic(path: Path, text: str) -> None:
+    """Replace a small text file so that readers see the old or the new content, never a mix."""
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}"
+    _write_file(tmp, lambda f: f.write(text), mode="w")
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Remove `.tmp-*` entries: only a writer killed mid-way leaves them, so they are never complete."""
+    for entry in root.iterdir():
+        if not entry.name.startswith(TMP_PREFIX):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _own_storage(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous tensors that each own their memory. safetensors refuses tensors sharing storage
+    (tied embeddings, views); a copy of each is written and load_state_dict re-ties them on load."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in weights.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise TypeError(
+                f"checkpoint weights must map str -> Tensor; key {key!r} holds {type(value).__name__}"
+            )
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        shares = ptr != 0 and ptr in seen
+        whole = t.data_ptr() == ptr and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+        if shares or not whole:
+            t = t.clone()
+        if ptr != 0:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _check_weights_only(value: Any, where: str) -> None:
+    """Refuse, before writing, anything that torch.load(weights_only=True) would refuse on resume.
+    Failing at save time names the offending entry; failing at resume time would lose the run."""
+    if isinstance(value, Tensor):
+        if type(value) not in (Tensor, torch.nn.Parameter):
+            raise TypeError(
+                f"{where} is a {type(value).__name__}; store a plain tensor instead "
+                "(e.g. gather a DTensor with .full_tensor())"
+            )
+        return
+    if type(value) in _PLAIN_TYPES:
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_weights_only(item, f"{where}[{i}]")
+        return
+    if type(value) in (dict, OrderedDict):
+        for k, item in value.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str or int keys")
+            _check_weights_only(item, f"{where}[{k!r}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which "
+        "torch.load(weights_only=True) cannot read back; convert it to tensors, numbers, strings, "
+        "lists or dicts (numpy: torch.from_numpy(x) or float(x))"
+    )
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    weights: dict[str, Tensor],
+    model_config: dict,
+    train_state: dict,
+    metrics: Optional[dict[str, float]] = None,
+) -> Path:
+    """Write `root/step_XXXXXXXX/` atomically, point `root/latest` at it and return its path.
+
+    `weights`: flat state dict of all networks, keys already prefixed ("G.", "D.", "G_ema.").
+    `model_config`: JSON-serialisable dict, enough to rebuild the networks (config.json).
+    `train_state`: everything else needed to continue bit-for-bit: optimizer / GradScaler / schedule
+    state_dicts, sampler position, RNG states (engine.rng.capture_rng_state), step. It is read back with
+    torch.load(weights_only=True), so it may hold only tensors, int, float, bool, str, bytes, None,
+    torch.dtype / torch.device / torch.Size, and lists, tuples and dicts (str or int keys) of these.
+    Anything else (numpy arrays or scalars, custom objects) raises TypeError here, naming the entry.
+    `metrics`: optional {name: value}, written to metrics.json (update_best reads it).
+
+    If a folder for this step exists already (training restarted from an earlier checkpoint and
+    reached this step again) it is replaced; between the two renames that do so, the step folder is
+    briefly absent, so a crash in that instant leaves `latest` naming a missing folder, which
+    resolve_resume reports clearly.
+    """
+    root = Path(root)
+    name = step_dir_name(step)
+    _check_weights_only(train_state, "train_state")
+    try:
+        config_text = json.dumps(model_config, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"model_config for {name} is not JSON-serialisable: {err}") from err
+    metrics_text = None
+    if metrics is not None:
+        metrics_text = json.dumps({k: float(v) for k, v in metrics.items()}, indent=2, sort_keys=True)
+    tensors = _own_storage(weights)
+
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root)
+    tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+        _fsync_path(tmp / MODEL_FILE)
+        _write_file(tmp / CONFIG_FILE, lambda f: f.write(config_text + "\n"), mode="w")
+        _write_file(tmp / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))
+        if metrics_text is not None:
+            _write_file(tmp / METRICS_FILE, lambda f: f.write(metrics_text + "\n"), mode="w")
+        _fsync_path(tmp)
+
+        final = root / name
+        if final.exists():
+            # os.replace cannot overwrite a non-empty folder: move the old one aside first.
+            old = root / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_path(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_text_atomic(root / LATEST_FILE, name + "\n")
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------
+# best / prune
+
+
+def _read_metric(ckpt: Path, metric_name: str) -> Optional[float]:
+    try:
+        value = json.loads((ckpt / METRICS_FILE).read_text(encoding="utf-8"))[metric_name]
+        return float(value)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def update_best(root: Path, ckpt: Path, metric_name: str, value: float, mode: str = "min") -> bool:
+    """Point `root/best` at `ckpt` if `value` beats the current best (lower for mode "min", higher for
+    "max") or if there is no usable best yet. Returns whether `best` changed.
+
+    The previous best value is read from the metrics.json of the folder `best` names; a best whose
+    folder or metric is gone is treated as absent. `value` is merged into ckpt's metrics.json when it is
+    not there yet, so the next comparison can read it. A NaN value never becomes best.
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"best checkpoint mode must be 'min' or 'max', got {mode!r}")
+    root, ckpt = Path(root), Path(ckpt)
+    if not (root / ckpt.name).is_dir() or _step_of(ckpt.name) is None:
+        raise CheckpointError(
+            f"update_best: {ckpt} is not a step_* checkpoint folder inside {root}; pass the path that "
+            "save_checkpoint returned."
+        )
+    value = float(value)
+    if math.isnan(value):
+        return False
+
+    if _read_metric(root / ckpt.name, metric_name) != value:
+        try:
+            known = json.loads((root / ckpt.name / METRICS_FILE).read_text(encoding="utf-8"))
+            known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+        known[metric_name] = value
+        text = json.dumps(known, indent=2, sort_keys=True) + "\n"
+        _replace_text_atomic(root / ckpt.name / METRICS_FILE, text)
+
+    best_name = _read_pointer(root, BEST_FILE)
+    previous = _read_metric(root / best_name, metric_name) if best_name else None
+    if previous is not None and not math.isnan(previous):
+        better = value < previous if mode == "min" else value > previous
+        if not better:
+            return False
+    _replace_text_atomic(root / BEST_FILE, ckpt.name + "\n")
+    return True
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` step folders (by step number); the folders named by
+    `best` and `latest` are always kept. keep_last <= 0 keeps everything. Returns the deleted paths.
+
+    Each folder is first renamed to a `.tmp-*` name, so a crash mid-delete never leaves a partial
+    `step_*` folder behind (the next save removes the remainder).
+    """
+    root = Path(root)
+    if keep_last <= 0:
+        return []
+    keep = {p.name for p in _step_dirs(root)[-keep_last:]}
+    keep.update(n for n in (_read_pointer(root, BEST_FILE), _read_pointer(root, LATEST_FILE)) if n)
+    deleted = []
+    for path in _step_dirs(root):
+        if path.name in keep:
+            continue
+        doomed = root / f"{TMP_PREFIX}del-{path.name}-{os.getpid()}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(path)
+    return deleted
+
+
+# ----------------------------------------------------------------------------------------------------
+# finding a checkpoint
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The folder `root/latest` names, or None when there is no checkpoint yet.
+
+    Without a `latest` file (a crash right after the folder rename) the newest step folder is used:
+    step folders only ever appear complete. `latest` naming a missing folder raises CheckpointError.
+    """
+    root = Path(root)
+    name = _read_pointer(root, LATEST_FILE)
+    if name is None:
+        dirs = _step_dirs(root)
+        return dirs[-1] if dirs else None
+    path = root / name
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{root / LATEST_FILE} names checkpoint folder {path}, which does not exist (deleted, or "
+            f"the run was interrupted while replacing it). {_resume_hint()}"
+        )
+    return path
+
+
+def _is_step_dir(path: Path) -> bool:
+    return _step_of(path.name) is not None or (path / MODEL_FILE).exists() or (
+        path / TRAIN_STATE_FILE
+    ).exists()
+
+
+def _checkpoint_in(path: Path, asked: str) -> Path:
+    """Resolve a user-given path (step folder, checkpoints folder, run folder or a file inside a step
+    folder) to a step folder."""
+    if not path.exists():
+        raise CheckpointError(
+            f"{asked}: {path} does not exist. Give a run folder, its checkpoints/ folder or a step_* "
+            "folder, or use run.resume=auto / run.resume=never."
+        )
+    if path.is_file():
+        if _is_step_dir(path.parent):
+            return path.parent
+        raise CheckpointError(f"{asked}: {path} is a file; give the step_* folder that holds it.")
+    if _is_step_dir(path):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = latest_checkpoint(root)
+    if found is None:
+        raise CheckpointError(
+            f"{asked}: no checkpoint found in {root}. Give a step_* folder, or start fresh with "
+            "run.resume=never."
+        )
+    return found
+
+
+def resolve_resume(out_dir: Path, resume: str) -> Optional[Path]:
+    """The checkpoint folder to resume from, per `run.resume`:
+    "never" -> None; "auto" -> the latest under `out_dir/checkpoints`, None if there is none yet;
+    a path -> that step folder, or the latest checkpoint of a run folder or checkpoints folder.
+    """
+    choice = str(resume).strip()
+    if choice.lower() == "never":
+        return None
+    if choice.lower() == "auto":
+        return latest_checkpoint(Path(out_dir) / "checkpoints")
+    if not choice:
+        raise CheckpointError("run.resume is empty; use auto, never, or the path of a checkpoint.")
+    return _checkpoint_in(Path(choice).expanduser(), f"run.resume={choice}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading (never deletes or rewrites anything)
+
+
+def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"Checkpoint file {path} is incomplete or corrupt ({type(err).__name__}: {err}). "
+        f"{_resume_hint()}"
+    )
+
+
+def _require_file(path: Path) -> Path:
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint file {path} is missing. {_resume_hint()}")
+    return path
+
+
+def _require_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise CheckpointError(f"Checkpoint folder {path} does not exist. {_resume_hint()}")
+    return path
+
+
+def _load_safetensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+    try:
+        return load_file(str(_require_file(path)), device=device)
+    except CheckpointError:
+        raise
+    except Exception as err:  # safetensors raises its own SafetensorError, plus OSError
+        raise _corrupt(path, err) from err
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        value = json.loads(_require_file(path).read_text(encoding="utf-8"))
+    except CheckpointError:
+        raise
+    except (OSError, ValueError) as err:
+        raise _corrupt(path, err) from err
+    if not isinstance(value, dict):
+        raise _corrupt(path, ValueError(f"expected a JSON object, found {type(value).__name__}"))
+    return value
+
+
+def load_checkpoint(
+    path: Path, map_location: Union[str, torch.device] = "cpu"
+) -> tuple[dict[str, Tensor], dict, dict]:
+    """Read a step folder: (weights, model_config, train_state). Any missing, truncated or corrupt file
+    raises CheckpointError naming that file."""
+    path = _require_dir(Path(path))
+    weights = _load_safetensors(path / MODEL_FILE, device=str(torch.device(map_location)))
+    model_config = _load_json(path / CONFIG_FILE)
+    state_path = _require_file(path / TRAIN_STATE_FILE)
+    try:
+        train_state = torch.load(state_path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, or objects weights_only refuses
+        raise _corrupt(state_path, err) from err
+    if not isinstance(train_state, dict):
+        raise _corrupt(state_path, ValueError(f"expected a dict, found {type(train_state).__name__}"))
+    return weights, model_config, train_state
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """Only the weights (model.safetensors) of a checkpoint, on CPU: for sampling and for users.
+    `path` may be the .safetensors file, a step folder, a checkpoints folder or a run folder."""
+    path = Path(path)
+    if path.is_file():
+        return _load_safetensors(path)
+    return _load_safetensors(_checkpoint_in(path, "load_weights") / MODEL_FILE)
+
+
+def load_model_config(path: Path) -> dict:
+    """config.json of a checkpoint (step, checkpoints or run folder): enough to rebuild the model."""
+    return _load_json(_checkpoint_in(Path(path), "load_model_config") / CONFIG_FILE)
+
+
+def strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Remove key components added by wrappers: "module." (DDP, leading only), "_orig_mod."
+    (torch.compile) and "_checkpoint_wrapped_module." (activation checkpointing), so keys match the
+    bare nn.Module. Call it on a network's own state_dict, before adding "G." style prefixes."""
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        while len(parts) > 1 and parts[0] in _LEADING_WRAPPER_PARTS:
+            parts = parts[1:]
+        last = len(parts) - 1  # the final component is a parameter name, never a wrapper
+        parts = [p for i, p in enumerate(parts) if i == last or p not in _INTERNAL_WRAPPER_PARTS]
+        clean = ".".join(parts)
+        if clean in out:
+            raise ValueError(
+                f"state_dict keys collide after removing wrapper prefixes: {key!r} -> {clean!r}; "
+                "the dict mixes wrapped and unwrapped copies of the same model"
+            )
+        out[clean] = value
+    return out

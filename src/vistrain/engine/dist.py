@@ -1,0 +1,98 @@
+"""Process groups and rank helpers for torchrun DDP (NCCL on GPU, gloo on CPU).
+
+Everything a rank needs to know travels in one `DistContext` passed down explicitly: no module-level rank
+variables. Collectives have a timeout (`run.dist_timeout_s`) so a rank whose peer died fails with an error
+instead of hanging forever; torchrun then stops the remaining workers and reports the first failure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    cpu_group: Optional[Any] = None  # gloo group for Python objects and host-side flags
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistContext:
+    """Join the torchrun process group if there is one; otherwise a single-process context."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistContext(rank=0, world_size=1, local_rank=0, device=pick_device(device_preference, 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_preference, local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    # Python objects (metrics dicts, RNG states) are gathered over gloo so they never take GPU memory.
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, cpu_group)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=ctx.cpu_group)
+    return out
+
+
+def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=ctx.cpu_group)
+    return box[0]
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if `flag` is true on any rank (a host-side gloo all-reduce: no device sync)."""
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
+    return bool(t.item())
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier(group=ctx.cpu_group)

@@ -1,0 +1,259 @@
+"""GAN training in the imaginaire / StyleGAN2 mould: alternating D and G updates, lazy R1, EMA generator.
+
+Phases per iteration: `d` (dis_step times), `g` (gen_step times), and `r1` every `r1_interval` steps when
+`gan.loss_weight.r1_gamma > 0`. As in imaginaire, the loader batch is the global batch times
+max(dis_step, gen_step) and each update takes its own slice of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vistrain.config import ConfigError, ExperimentConfig
+from vistrain.data.loader import build_dataset
+from vistrain.engine.ema import ema_beta, update_ema
+from vistrain.engine.images import make_grid
+from vistrain.engine.optim import OptimConfig, build_optimizer
+from vistrain.eval.frechet import frechet_distance
+from vistrain.models.diffaugment import diff_augment
+from vistrain.models.gan import DiscriminatorConfig, GeneratorConfig, build_discriminator, build_generator
+from vistrain.tasks.base import EvalResult, Phase, TaskEnv
+from vistrain.tasks.gan_losses import LOSSES, discriminator_loss, generator_loss, r1_penalty
+
+
+@dataclass
+class GanModelConfig:
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    conditional: bool = True  # class-conditional when the data set has classes
+
+
+@dataclass
+class GanLossWeights:
+    adversarial: float = 1.0
+    r1_gamma: float = 0.0  # R1 penalty gamma/2 * |grad D(x)|^2 on reals; 0 disables the r1 phase
+
+
+@dataclass
+class GanTrainConfig:
+    loss: str = "hinge"  # hinge | non_saturating | least_squares | wasserstein
+    dis_step: int = 1
+    gen_step: int = 1
+    r1_interval: int = 16  # lazy regularisation: the r1 phase runs every this many steps
+    loss_weight: GanLossWeights = field(default_factory=GanLossWeights)
+    ema_half_life_kimg: float = 10.0  # G_ema half-life in thousands of images
+    ema_rampup: Optional[float] = 0.05  # half-life <= images_seen * rampup early on; null disables
+    augment: str = ""  # DiffAugment policy, e.g. "color,translation,cutout"
+    num_samples: int = 64  # images in the fixed-noise sample grid
+    fd_samples: int = 512  # generated images for val/fd_pixels (Fréchet distance on 8x8 pixels)
+
+
+def _default_optim() -> OptimConfig:
+    return OptimConfig(name="adam", lr=2e-4, betas=[0.0, 0.99])
+
+
+@dataclass
+class GanOptimConfig:
+    g: OptimConfig = field(default_factory=_default_optim)
+    d: OptimConfig = field(default_factory=_default_optim)
+
+
+@dataclass
+class GanConfig(ExperimentConfig):
+    task: str = "gan"
+    model: GanModelConfig = field(default_factory=GanModelConfig)
+    gan: GanTrainConfig = field(default_factory=GanTrainConfig)
+    optim: GanOptimConfig = field(default_factory=GanOptimConfig)
+
+
+Config = GanConfig
+
+# Applied by --smoke: tiny networks and images so a config can be checked in seconds.
+SMOKE_OVERRIDES = [
+    "data.resolution=16", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
+    "gan.num_samples=16", "gan.fd_samples=32",
+]
+
+
+def lazy_regularization(cfg: OptimConfig, interval: int) -> OptimConfig:
+    """StyleGAN2: when R1 runs every `interval` steps, scale lr and betas by interval / (interval + 1)."""
+    ratio = interval / (interval + 1)
+    return dataclasses.replace(cfg, lr=cfg.lr * ratio, betas=[b**ratio for b in cfg.betas])
+
+
+class Task:
+    def __init__(self, cfg: GanConfig, env: TaskEnv):
+        gan = cfg.gan
+        if gan.loss not in LOSSES:
+            raise ConfigError(f"gan.loss={gan.loss!r}: expected one of {', '.join(LOSSES)}")
+        if gan.dis_step < 1 or gan.gen_step < 1 or gan.r1_interval < 1:
+            raise ConfigError("gan.dis_step, gan.gen_step and gan.r1_interval must be at least 1")
+        self.cfg, self.env = cfg, env
+        self.device = env.dist.device
+        self.train_set = build_dataset(cfg.data, "train")
+        self.val_set = build_dataset(cfg.data, "val")
+        self.num_classes = self.train_set.num_classes if cfg.model.conditional else 0
+        shape = dict(resolution=cfg.data.resolution, channels=cfg.data.channels, num_classes=self.num_classes)
+        G = build_generator(cfg.model.generator, **shape).to(self.device)
+        D = build_discriminator(cfg.model.discriminator, **shape).to(self.device)
+        G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+        self.nets: dict[str, nn.Module] = {"G": G, "D": D, "G_ema": G_ema}
+        self.trainable = ("G", "D")
+        self.z_dim = G.z_dim
+
+        r1_on = gan.loss_weight.r1_gamma > 0
+        d_optim = lazy_regularization(cfg.optim.d, gan.r1_interval) if r1_on else cfg.optim.d
+        self.optimizers = {"d": (build_optimizer(D, d_optim), d_optim),
+                           "g": (build_optimizer(G, cfg.optim.g), cfg.optim.g)}
+        self.phases = [
+            Phase("d", optimizer="d", trains=("D",), loss=self.dis_loss, repeats=gan.dis_step),
+            Phase("g", optimizer="g", trains=("G",), loss=self.gen_loss, repeats=gan.gen_step),
+        ]
+        if r1_on:
+            self.phases.append(Phase("r1", optimizer="d", trains=("D",), loss=self.r1_loss, every=gan.r1_interval))
+        self.batch_multiplier = max(gan.dis_step, gen_step := gan.gen_step)
+        self.best_metric = ("fd_pixels", "min")
+        self.images_seen = 0
+
+        # Fixed noise and labels for the sample grid: the same images at every eval, independent of the run.
+        g = torch.Generator().manual_seed(1234)
+        self.fixed_z = torch.randn(gan.num_samples, self.z_dim, generator=g).to(self.device)
+        self.fixed_labels = self._labels_for(torch.arange(gan.num_samples))
+        del gen_step
+
+    # ----------------------------------------------------------------------------------- the phases
+
+    def _labels_for(self, labels_B: Tensor) -> Optional[Tensor]:
+        return (labels_B % self.num_classes).to(self.device) if self.num_classes else None
+
+    def _augment(self, x_BCHW: Tensor) -> Tensor:
+        return diff_augment(x_BCHW, self.cfg.gan.augment) if self.cfg.gan.augment else x_BCHW
+
+    def _noise(self, batch_size: int) -> Tensor:
+        return torch.randn(batch_size, self.z_dim, device=self.device)
+
+    def dis_loss(self, nets, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        real_BCHW = batch["image"]
+        labels_B = batch["label"] if self.num_classes else None
+        with torch.no_grad():
+            fake_BCHW = nets["G"](self._noise(real_BCHW.shape[0]), labels_B)
+        # One D forward over reals and fakes together: half the launches, and one spectral-norm update.
+        both = torch.cat([self._augment(real_BCHW), self._augment(fake_BCHW)])
+        both_labels = torch.cat([labels_B, labels_B]) if labels_B is not None else None
+        real_logits_B, fake_logits_B = nets["D"](both, both_labels).float().chunk(2)
+        loss = self.cfg.gan.loss_weight.adversarial * discriminator_loss(self.cfg.gan.loss, real_logits_B, fake_logits_B)
+        return loss, {"d_loss": loss, "d_real": real_logits_B.mean(), "d_fake": fake_logits_B.mean()}
+
+    def gen_loss(self, nets, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        labels_B = batch["label"] if self.num_classes else None
+        fake_BCHW = nets["G"](self._noise(batch["image"].shape[0]), labels_B)
+        fake_logits_B = nets["D"](self._augment(fake_BCHW), labels_B).float()
+        loss = self.cfg.gan.loss_weight.adversarial * generator_loss(self.cfg.gan.loss, fake_logits_B)
+        return loss, {"g_loss": loss}
+
+    def r1_loss(self, nets, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        real_BCHW = batch["image"].detach().requires_grad_(True)
+        labels_B = batch["label"] if self.num_classes else None
+        real_logits_B = nets["D"](self._augment(real_BCHW), labels_B).float()
+        penalty = r1_penalty(real_logits_B, real_BCHW)
+        gamma, interval = self.cfg.gan.loss_weight.r1_gamma, self.cfg.gan.r1_interval
+        # x0 keeps every D parameter in the graph (the last bias has no input gradient), which DDP requires.
+        loss = gamma / 2 * penalty * interval + 0.0 * real_logits_B.sum()
+        return loss, {"r1_penalty": penalty}
+
+    def on_step_end(self, step: int) -> None:
+        self.images_seen += self.env.batch_size
+        gan = self.cfg.gan
+        beta = ema_beta(self.env.batch_size, gan.ema_half_life_kimg, gan.ema_rampup, self.images_seen)
+        update_ema(self.nets["G_ema"], self.nets["G"], beta)
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> EvalResult:
+        if not self.env.dist.is_main:
+            return EvalResult()
+        G_ema = self.nets["G_ema"]
+        grid = make_grid(G_ema(self.fixed_z, self.fixed_labels).float().cpu(), nrow=8)
+        return EvalResult(metrics={"fd_pixels": self._fd_pixels(G_ema)}, images={"samples": grid})
+
+    def _fd_pixels(self, G: nn.Module) -> float:
+        """Fréchet distance between generated and validation images, both pooled to 8x8 grey pixels.
+
+        Not FID (no Inception network may be downloaded here), but cheap, deterministic and it falls as
+        samples start to look like the data: the metric the best checkpoint is chosen by.
+        """
+        real = torch.stack([self.val_set[i]["image"] for i in range(len(self.val_set))])
+        n = self.cfg.gan.fd_samples
+        g = torch.Generator().manual_seed(4321)
+        z = torch.randn(n, self.z_dim, generator=g).to(self.device)
+        labels = self._labels_for(torch.randint(0, max(self.num_classes, 1), (n,), generator=g))
+        fake = torch.cat([G(z[i:i + 256], None if labels is None else labels[i:i + 256]).float().cpu()
+                          for i in range(0, n, 256)])
+        return frechet_distance(_pixel_features(fake), _pixel_features(real))
+
+    # ------------------------------------------------------------------------------- state and export
+
+    def model_config(self) -> dict:
+        return {
+            "task": "gan",
+            "generator": dataclasses.asdict(self.cfg.model.generator),
+            "discriminator": dataclasses.asdict(self.cfg.model.discriminator),
+            "resolution": self.cfg.data.resolution,
+            "channels": self.cfg.data.channels,
+            "num_classes": self.num_classes,
+        }
+
+    def state_dict(self) -> dict:
+        return {"images_seen": self.images_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images_seen = int(state.get("images_seen", 0))
+
+
+def _pixel_features(images_BCHW: Tensor) -> Tensor:
+    return F.adaptive_avg_pool2d(images_BCHW.mean(1, keepdim=True), 8).flatten(1)
+
+
+def load_generator(model_config: dict, weights: dict[str, Tensor], device: torch.device) -> nn.Module:
+    """The EMA generator of a GAN checkpoint (the raw G when no EMA copy was saved), ready to sample."""
+    G = build_generator(
+        GeneratorConfig(**model_config["generator"]), resolution=model_config["resolution"],
+        channels=model_config["channels"], num_classes=model_config["num_classes"],
+    )
+    prefix = "G_ema." if any(k.startswith("G_ema.") for k in weights) else "G."
+    G.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    return G.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sample(model_config: dict, weights: dict[str, Tensor], num: int, labels: Optional[list[int]],
+           seed: int, device: torch.device, batch_size: int = 256) -> Tensor:
+    """`num` images in [-1, 1] (N x C x H x W) from the EMA generator; labels cycle over the given list."""
+    G = load_generator(model_config, weights, device)
+    num_classes = model_config["num_classes"]
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(num, G.z_dim, generator=g)
+    y = None
+    if num_classes:
+        if labels:
+            bad = [c for c in labels if not 0 <= c < num_classes]
+            if bad:
+                raise ValueError(f"--labels {bad} out of range: this generator has classes 0..{num_classes - 1}")
+            y = torch.tensor(labels)[torch.arange(num) % len(labels)]
+        else:
+            y = torch.arange(num) % num_classes
+    elif labels:
+        raise ValueError("--labels given, but this generator is unconditional")
+    out = []
+    for i in range(0, num, batch_size):
+        yi = None if y is None else y[i:i + batch_size].to(device)
+        out.append(G(z[i:i + batch_size].to(device), yi).float().cpu())
+    return torch.cat(out)
