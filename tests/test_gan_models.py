@@ -53,7 +53,7 @@ def test_generator_and_discriminator_shapes_and_ranges(name: str, res: int, num_
 def test_unconditional_models_ignore_labels(name: str) -> None:
     torch.manual_seed(0)
     G, D = _pair(name, 16)
-    G.eval()
+    G.eval(), D.eval()  # eval: BN statistics and spectral-norm vectors stay put between the two calls
     z = torch.randn(3, G.z_dim)
     torch.testing.assert_close(G(z, torch.tensor([1, 2, 3])), G(z))
     x = torch.rand(3, 1, 16, 16) * 2 - 1

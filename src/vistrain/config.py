@@ -75,9 +75,20 @@ class ExperimentConfig:
 
 
 def task_module(name: str):
-    if name not in TASK_MODULES:
-        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASK_MODULES))}")
-    return importlib.import_module(TASK_MODULES[name])
+    """A built-in task by name, or your own as a module path (`task: mylab.tasks.denoise`) that defines
+    `Config` (an ExperimentConfig subclass) and `Task` (see vistrain/tasks/base.py)."""
+    if name in TASK_MODULES:
+        return importlib.import_module(TASK_MODULES[name])
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name.split(".")[0] and e.name != name:
+            raise ConfigError(f"task {name!r}: importing it failed ({e})") from None
+        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASK_MODULES))} "
+                          "(or the module path of your own task, such as mylab.tasks.denoise)") from None
+    if not (hasattr(module, "Config") and hasattr(module, "Task")):
+        raise ConfigError(f"task module {name!r} must define `Config` and `Task` (see vistrain/tasks/base.py)")
+    return module
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:

@@ -97,6 +97,7 @@ class Trainer:
         self.resumed = None  # the loaded tensors are not needed any more
 
         self.metrics = MetricAccumulator()
+        self._schedule_values: dict[str, float] = {}
         names = list(cfg.run.loggers) if dist_ctx.is_main else []
         self.loggers = build_loggers(
             names, self.out_dir, config_lib.to_dict(cfg), cfg.train.max_steps,
@@ -209,8 +210,7 @@ class Trainer:
         step, max_steps = self.step, self.cfg.train.max_steps
         for name, (opt, opt_cfg) in self.task.optimizers.items():
             lr, wd = apply_schedule(opt, opt_cfg, step, max_steps)
-            self.metrics.add(f"lr/{name}", lr)
-            self.metrics.add(f"wd/{name}", wd)
+            self._schedule_values[f"lr/{name}"], self._schedule_values[f"wd/{name}"] = lr, wd
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         for phase in self.task.phases:
             if step % phase.every:
@@ -291,6 +291,7 @@ class Trainer:
 
     def _log_train(self, steps: int, elapsed: float) -> None:
         values = self.metrics.reduce()
+        values.update(self._schedule_values)  # the values in force at this step, not a window mean
         values["samples_per_s"] = self.cfg.train.batch_size * steps / max(elapsed, 1e-9)
         memory = peak_memory_mb(self.device)
         if memory is not None:
