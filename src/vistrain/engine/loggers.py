@@ -66,6 +66,7 @@ class ConsoleLogger(Logger):
 
     Train: `step 120/2000 (6%) | d_loss 1.23 g_loss 0.98 | 3.1 steps/s | ETA 0:10:05`
     Val:   `[val] step 120/2000 | fid 12.34`
+    Metrics named `group/name` are left off the line (they are in metrics.jsonl / TensorBoard / W&B).
     Speed and ETA come from the train events' steps and wall time; they read `--:--` until two events
     after the warm-up have been seen.
     """
@@ -76,7 +77,8 @@ class ConsoleLogger(Logger):
         self._stream = stream  # None: whatever sys.stdout is at print time
 
     def log_metrics(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        values = " ".join(f"{name} {format_number(v)}" for name, v in metrics.items())
+        # Grouped metrics (lr/..., time/..., grad_norm/...) go to the files; the line keeps the headline ones.
+        values = " ".join(f"{name} {format_number(v)}" for name, v in metrics.items() if "/" not in name)
         if split == "train":
             self.eta.update(step)
             percent = f" ({100 * step // self.max_steps}%)" if self.max_steps > 0 else ""
