@@ -105,3 +105,35 @@ def test_keep_last_prunes_but_keeps_latest(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert names == ["step_00000015", "step_00000020"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_resumes_exactly(tmp_path, precision):
+    Trainer(toy_config(tmp_path / "a", f"train.precision={precision}"), CPU).fit()
+    middle = tmp_path / "a" / "checkpoints" / "step_00000010"
+    _, _, state = ckpt_lib.load_checkpoint(middle)
+    if precision == "fp16":  # the GradScaler's scale and growth tracker are part of the checkpoint
+        assert state["scalers"]["main"]["scale"] > 0
+    else:
+        assert state["scalers"]["main"] == {}
+    Trainer(toy_config(tmp_path / "b", f"train.precision={precision}", f"run.resume={middle}"), CPU).fit()
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+
+
+def test_random_seed_is_drawn_recorded_and_kept_on_resume(tmp_path):
+    from omegaconf import OmegaConf
+
+    Trainer(toy_config(tmp_path, "run.seed=random", "train.max_steps=5"), CPU).fit()
+    seed = OmegaConf.load(tmp_path / "config.yaml").run.seed
+    assert isinstance(seed, int)
+    _, _, state = ckpt_lib.load_checkpoint(tmp_path / "checkpoints" / "step_00000005")
+    assert state["seed"] == seed
+    resumed = Trainer(toy_config(tmp_path, "run.seed=random", "train.max_steps=10"), CPU)
+    assert resumed.seed == seed
+
+
+def test_profile_writes_a_trace_of_the_requested_steps(tmp_path):
+    Trainer(toy_config(tmp_path, "train.profile=true", "train.profile_start=2", "train.profile_steps=3"), CPU).fit()
+    traces = list((tmp_path / "profile").glob("*.json"))
+    assert [t.name for t in traces] == ["trace_rank0_steps2-5.json"]
+    assert traces[0].stat().st_size > 1000

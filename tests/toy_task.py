@@ -36,6 +36,8 @@ class PairsDataset(torch.utils.data.Dataset):
 class ToySection:
     nan_from_step: int = -1  # from this step on the loss is NaN; -1 never
     dropout: float = 0.1  # some randomness in the step, so RNG restore matters
+    fail_rank: int = -1  # this rank raises at fail_at_step (distributed failure tests)
+    fail_at_step: int = -1
 
 
 @dataclass
@@ -67,6 +69,8 @@ class Task:
 
     def on_step_end(self, step):
         self.step = step
+        if self.env.dist.rank == self.cfg.toy.fail_rank and step == self.cfg.toy.fail_at_step:
+            raise RuntimeError(f"toy failure on rank {self.env.dist.rank} at step {step}")
 
     def evaluate(self, step):
         return EvalResult()

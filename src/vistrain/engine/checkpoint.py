@@ -249,7 +249,9 @@ def save_checkpoint(
     tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+        # One metadata key only: safetensors writes metadata from a hash map in no fixed order, so a second
+        # key would make two saves of the same weights differ byte for byte. The step is in the folder name.
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         _fsync_path(tmp / MODEL_FILE)
         _write_file(tmp / CONFIG_FILE, lambda f: f.write(config_text + "\n"), mode="w")
         _write_file(tmp / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))

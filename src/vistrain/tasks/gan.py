@@ -51,7 +51,7 @@ class GanTrainConfig:
     ema_half_life_kimg: float = 10.0  # G_ema half-life in thousands of images
     ema_rampup: Optional[float] = 0.05  # half-life <= images_seen * rampup early on; null disables
     augment: str = ""  # DiffAugment policy, e.g. "color,translation,cutout"
-    num_samples: int = 64  # images in the fixed-noise sample grid
+    num_samples: int = 64  # images in the fixed-noise sample grid (conditional: one column per class)
     fd_samples: int = 512  # generated images for val/fd_pixels (Fréchet distance on 8x8 pixels)
 
 
@@ -181,7 +181,8 @@ class Task:
         if not self.env.dist.is_main:
             return EvalResult()
         G_ema = self.nets["G_ema"]
-        grid = make_grid(G_ema(self.fixed_z, self.fixed_labels).float().cpu(), nrow=8)
+        # Conditional: one column per class, so a glance shows whether the labels are obeyed.
+        grid = make_grid(G_ema(self.fixed_z, self.fixed_labels).float().cpu(), nrow=self.num_classes or 8)
         return EvalResult(metrics={"fd_pixels": self._fd_pixels(G_ema)}, images={"samples": grid})
 
     def _fd_pixels(self, G: nn.Module) -> float:
