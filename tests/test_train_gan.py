@@ -89,13 +89,17 @@ def test_torchrun_two_ranks_trains_and_samples(tmp_path, subprocess_env, vistrai
 def test_empty_image_folder_is_a_clear_error(tmp_path, subprocess_env, vistrain_cmd):
     empty = tmp_path / "no_images"
     (empty / "cats").mkdir(parents=True)
-    out = tmp_path / "run"
+    out = tmp_path / "run"  # an earlier run lives here: pointing it at a bad folder must not harm it
+    out.mkdir()
+    (out / "config.yaml").write_text("earlier: run\n")
     result = subprocess.run(train_cmd(vistrain_cmd, out, "data.name=image_folder", f"data.root={empty}",
                                       "data.channels=3"),
                             env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert str(empty) in result.stderr and "no images" in result.stderr.lower()
     assert "Traceback" not in result.stderr
+    assert (out / "config.yaml").read_text() == "earlier: run\n"
+    assert [p.name for p in out.iterdir()] == ["config.yaml"]
 
 
 def test_too_few_images_for_one_batch_is_a_clear_error(tmp_path, subprocess_env, vistrain_cmd):

@@ -69,9 +69,6 @@ class Trainer:
         self.resumed = ckpt_lib.load_checkpoint(resume_path) if resume_path else None
         self.seed = self._resolve_seed()
         cfg.run.seed = self.seed
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
 
         # The same seed on every rank while building, so every rank starts from identical weights.
         seed_everything(self.seed)
@@ -81,6 +78,9 @@ class Trainer:
         self.loader_batch = cfg.train.batch_size * self.task.batch_multiplier
         check_enough_data(self.task.train_set, self.loader_batch, f"the {cfg.data.name} training set",
                           source=f"train.batch_size x {self.task.batch_multiplier} updates per iteration")
+        if self.dist.is_main:  # only now: a run that cannot start must not overwrite an earlier run's config
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
 
         # Parameters each optimizer owns; only these are ever switched back to requires_grad=True.
         self._trainable_params = {name: [p for p in self.task.nets[name].parameters() if p.requires_grad]
@@ -164,6 +164,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- loop
 
     def fit(self) -> Path:
+        """Train to train.max_steps; returns the final checkpoint. Loggers are closed however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.loggers.close()
+
+    def _fit(self) -> Path:
         cfg = self.cfg.train
         loader = build_train_loader(
             self.task.train_set, self.loader_batch, self.dist.rank, self.dist.world_size,
@@ -203,7 +210,6 @@ class Trainer:
                     raise Preempted(last_saved)
         if profiler is not None:
             self._stop_profiler(profiler)
-        self.loggers.close()
         return last_saved if last_saved is not None else self.save_checkpoint()
 
     def _train_iteration(self, batch: dict) -> None:
