@@ -118,7 +118,7 @@ class Task:
         ]
         if r1_on:
             self.phases.append(Phase("r1", optimizer="d", trains=("D",), loss=self.r1_loss, every=gan.r1_interval))
-        self.batch_multiplier = max(gan.dis_step, gen_step := gan.gen_step)
+        self.batch_multiplier = max(gan.dis_step, gan.gen_step)
         self.best_metric = ("fd_pixels", "min")
         self.images_seen = 0
 
@@ -126,7 +126,6 @@ class Task:
         g = torch.Generator().manual_seed(1234)
         self.fixed_z = torch.randn(gan.num_samples, self.z_dim, generator=g).to(self.device)
         self.fixed_labels = self._labels_for(torch.arange(gan.num_samples))
-        del gen_step
 
     # ----------------------------------------------------------------------------------- the phases
 
