@@ -25,3 +25,20 @@ def test_digits_gan_learns(tmp_path):
     trained = [e for e in events if e["split"] == "val"][-1]["fd_pixels"]
     assert trained < 0.3 * untrained, (untrained, trained)
     assert (tmp_path / "samples" / "step_00000300.png").exists()
+
+
+def test_dis_step_gen_step_and_lazy_r1_take_the_expected_optimizer_steps(tmp_path):
+    from vistrain.engine import checkpoint as ckpt_lib
+
+    cfg = load_config(DIGITS, [
+        f"run.out_dir={tmp_path}", "run.loggers=[]", "train.max_steps=4", "train.batch_size=8",
+        "train.eval_every=4", "train.ckpt_every=4", "data.resolution=16", "data.num_workers=0",
+        "model.generator.base_channels=8", "model.discriminator.base_channels=8", "gan.fd_samples=16",
+        "gan.dis_step=2", "gan.gen_step=1", "gan.loss_weight.r1_gamma=0.1", "gan.r1_interval=2",
+    ])
+    trainer = Trainer(cfg, DistContext(0, 1, 0, torch.device("cpu")))
+    assert trainer.loader_batch == 16  # global batch x max(dis_step, gen_step)
+    trainer.fit()
+    _, _, state = ckpt_lib.load_checkpoint(tmp_path / "checkpoints" / "step_00000004")
+    adam_steps = {name: int(next(iter(opt["state"].values()))["step"]) for name, opt in state["optimizers"].items()}
+    assert adam_steps == {"d": 4 * 2 + 2, "g": 4}  # 2 D updates per step + R1 at steps 0 and 2
