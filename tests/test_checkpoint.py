@@ -301,3 +301,17 @@ def test_compiled_model_state_dict_loads_into_plain_model():
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     plain.load_state_dict(strip_wrapper_prefixes(wrapped.state_dict()))
     assert torch.equal(plain[0].weight, model[0].weight)
+
+
+def test_find_checkpoint_picks_latest_or_best(tmp_path):
+    from vistrain.engine.checkpoint import find_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step, value in ((1, 0.5), (2, 0.9)):
+        ckpt = save_checkpoint(root, step, {"w": torch.zeros(1)}, {}, {"step": step}, metrics={"loss": value})
+        update_best(root, ckpt, "loss", value)
+    assert find_checkpoint(tmp_path).name == "step_00000002"
+    assert find_checkpoint(tmp_path, "best").name == "step_00000001"
+    assert find_checkpoint(root / "step_00000002", "best").name == "step_00000002"  # a step folder is itself
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_checkpoint(tmp_path / "nowhere")

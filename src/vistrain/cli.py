@@ -82,8 +82,6 @@ def smoke_overrides(config_path: str, overrides: list[str]) -> list[str]:
 
 
 def run_sample(args) -> int:
-    import json
-
     import numpy as np
 
     from vistrain.config import task_module
@@ -96,13 +94,13 @@ def run_sample(args) -> int:
         print(f"vistrain: --out {out}: expected a .png or .npz file name", file=sys.stderr)
         return 2
     try:
-        ckpt = resolve_checkpoint(Path(args.source), args.which)
-        model_config = json.loads((ckpt / "config.json").read_text())
+        ckpt = ckpt_lib.find_checkpoint(Path(args.source), args.which)
+        model_config = ckpt_lib.load_model_config(ckpt)
         weights = ckpt_lib.load_weights(ckpt)
         labels = [int(c) for c in args.labels.split(",")] if args.labels else None
         module = task_module(model_config["task"])
         images = module.sample(model_config, weights, args.num, labels, args.seed, pick_device(args.device, 0))
-    except (ckpt_lib.CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ckpt_lib.CheckpointError, ValueError) as e:
         print(f"vistrain: error: {e}", file=sys.stderr)
         return 1
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,22 +110,6 @@ def run_sample(args) -> int:
         save_png(out, make_grid(images))
     print(f"wrote {len(images)} images from {ckpt} to {out}")
     return 0
-
-
-def resolve_checkpoint(source: Path, which: str) -> Path:
-    from vistrain.engine import checkpoint as ckpt_lib
-
-    if (source / "model.safetensors").exists():
-        return source
-    root = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-    pointer = root / which
-    if not pointer.exists():
-        raise FileNotFoundError(f"{source} is neither a checkpoint folder nor a run folder with "
-                                f"checkpoints/{which}")
-    ckpt = root / pointer.read_text().strip()
-    if not ckpt.is_dir():
-        raise ckpt_lib.CheckpointError(f"{pointer} names {ckpt.name}, which does not exist")
-    return ckpt
 
 
 if __name__ == "__main__":

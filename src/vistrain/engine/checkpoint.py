@@ -362,17 +362,32 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     step folders only ever appear complete. `latest` naming a missing folder raises CheckpointError.
     """
     root = Path(root)
-    name = _read_pointer(root, LATEST_FILE)
-    if name is None:
+    found = _pointed_checkpoint(root, LATEST_FILE)
+    if found is None:
         dirs = _step_dirs(root)
         return dirs[-1] if dirs else None
+    return found
+
+
+def _pointed_checkpoint(root: Path, pointer: str) -> Optional[Path]:
+    """The folder `root/<pointer>` names (e.g. `best`), None without that file."""
+    name = _read_pointer(root, pointer)
+    if name is None:
+        return None
     path = root / name
     if not path.is_dir():
         raise CheckpointError(
-            f"{root / LATEST_FILE} names checkpoint folder {path}, which does not exist (deleted, or "
+            f"{root / pointer} names checkpoint folder {path}, which does not exist (deleted, or "
             f"the run was interrupted while replacing it). {_resume_hint()}"
         )
     return path
+
+
+def find_checkpoint(path: Path, which: str = LATEST_FILE) -> Path:
+    """A step folder from a step, checkpoints or run folder; `which` (latest | best) picks for the latter."""
+    if which not in (LATEST_FILE, BEST_FILE):
+        raise ValueError(f"which={which!r}: expected {LATEST_FILE!r} or {BEST_FILE!r}")
+    return _checkpoint_in(Path(path), str(path), pointer=which)
 
 
 def _is_step_dir(path: Path) -> bool:
@@ -381,13 +396,13 @@ def _is_step_dir(path: Path) -> bool:
     ).exists()
 
 
-def _checkpoint_in(path: Path, asked: str) -> Path:
+def _checkpoint_in(path: Path, asked: str, pointer: str = LATEST_FILE, advice: str = "") -> Path:
     """Resolve a user-given path (step folder, checkpoints folder, run folder or a file inside a step
-    folder) to a step folder."""
+    folder) to a step folder; for a run or checkpoints folder, the one `pointer` (latest | best) names."""
     if not path.exists():
         raise CheckpointError(
             f"{asked}: {path} does not exist. Give a run folder, its checkpoints/ folder or a step_* "
-            "folder, or use run.resume=auto / run.resume=never."
+            f"folder{advice}."
         )
     if path.is_file():
         if _is_step_dir(path.parent):
@@ -396,7 +411,7 @@ def _checkpoint_in(path: Path, asked: str) -> Path:
     if _is_step_dir(path):
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = latest_checkpoint(root)
+    found = latest_checkpoint(root) if pointer == LATEST_FILE else _pointed_checkpoint(root, pointer)
     if found is None:
         raise CheckpointError(
             f"{asked}: no checkpoint found in {root}. Give a step_* folder, or start fresh with "
@@ -417,7 +432,8 @@ def resolve_resume(out_dir: Path, resume: str) -> Optional[Path]:
         return latest_checkpoint(Path(out_dir) / "checkpoints")
     if not choice:
         raise CheckpointError("run.resume is empty; use auto, never, or the path of a checkpoint.")
-    return _checkpoint_in(Path(choice).expanduser(), f"run.resume={choice}")
+    return _checkpoint_in(Path(choice).expanduser(), f"run.resume={choice}",
+                          advice=", or use run.resume=auto / run.resume=never")
 
 
 # ----------------------------------------------------------------------------------------------------
