@@ -85,6 +85,8 @@ class Trainer:
         # Parameters each optimizer owns; only these are ever switched back to requires_grad=True.
         self._trainable_params = {name: [p for p in self.task.nets[name].parameters() if p.requires_grad]
                                   for name in self.task.trainable}
+        self._phase_params = {phase.name: [p for net in phase.trains for p in self._trainable_params[net]]
+                              for phase in self.task.phases}
         self.scalers = {name: self.precision.make_scaler() for name in self.task.optimizers}
         self.step = 0
         self.nonfinite_streak = 0
@@ -229,7 +231,7 @@ class Trainer:
     def _run_phase(self, phase: Phase, batch: dict) -> None:
         opt, _ = self.task.optimizers[phase.optimizer]
         scaler = self.scalers[phase.optimizer]
-        params = [p for name in phase.trains for p in self._trainable_params[name]]
+        params = self._phase_params[phase.name]
         self._set_requires_grad(phase.trains)
         nets = {name: self.views_train[name] if name in phase.trains else self.views_frozen[name]
                 for name in self.task.nets}

@@ -121,6 +121,7 @@ class Task:
         self.batch_multiplier = max(gan.dis_step, gan.gen_step)
         self.best_metric = ("fd_pixels", "min")
         self.images_seen = 0
+        self._real_features: Optional[Tensor] = None  # fd_pixels features of the validation set
 
         # Fixed noise and labels for the sample grid: the same images at every eval, independent of the run.
         g = torch.Generator().manual_seed(1234)
@@ -190,14 +191,15 @@ class Task:
         Not FID (no Inception network may be downloaded here), but cheap, deterministic and it falls as
         samples start to look like the data: the metric the best checkpoint is chosen by.
         """
-        real = torch.stack([self.val_set[i]["image"] for i in range(len(self.val_set))])
+        if self._real_features is None:  # the validation images never change: decode them once
+            real = torch.stack([self.val_set[i]["image"] for i in range(len(self.val_set))])
+            self._real_features = _pixel_features(real)
         n = self.cfg.gan.fd_samples
         g = torch.Generator().manual_seed(4321)
-        z = torch.randn(n, self.z_dim, generator=g).to(self.device)
+        z = torch.randn(n, self.z_dim, generator=g)
         labels = self._labels_for(torch.randint(0, max(self.num_classes, 1), (n,), generator=g))
-        fake = torch.cat([G(z[i:i + 256], None if labels is None else labels[i:i + 256]).float().cpu()
-                          for i in range(0, n, 256)])
-        return frechet_distance(_pixel_features(fake), _pixel_features(real))
+        fake = generate(G, z, labels, self.device)
+        return frechet_distance(_pixel_features(fake), self._real_features)
 
     # ------------------------------------------------------------------------------- state and export
 
@@ -216,6 +218,17 @@ class Task:
 
     def load_state_dict(self, state: dict) -> None:
         self.images_seen = int(state.get("images_seen", 0))
+
+
+@torch.no_grad()
+def generate(G: nn.Module, z_NZ: Tensor, labels_N: Optional[Tensor], device: torch.device,
+             batch_size: int = 256) -> Tensor:
+    """G's images for all of z (and labels), in chunks of batch_size, as float32 N x C x H x W on the CPU."""
+    out = []
+    for i in range(0, len(z_NZ), batch_size):
+        labels = None if labels_N is None else labels_N[i:i + batch_size].to(device)
+        out.append(G(z_NZ[i:i + batch_size].to(device), labels).float().cpu())
+    return torch.cat(out)
 
 
 def _pixel_features(images_BCHW: Tensor) -> Tensor:
@@ -252,8 +265,4 @@ def sample(model_config: dict, weights: dict[str, Tensor], num: int, labels: Opt
             y = torch.arange(num) % num_classes
     elif labels:
         raise ValueError("--labels given, but this generator is unconditional")
-    out = []
-    for i in range(0, num, batch_size):
-        yi = None if y is None else y[i:i + batch_size].to(device)
-        out.append(G(z[i:i + batch_size].to(device), yi).float().cpu())
-    return torch.cat(out)
+    return generate(G, z, y, device, batch_size)
