@@ -1,8 +1,8 @@
 """How much time does the engine add to a training step? Prints a table.
 
-The same CNN classifier, the same digits batches from the same sampler, the same AdamW: once in a bare
+The same CNN classifier, the same digits batches from the same stream, the same AdamW: once in a bare
 PyTorch loop (zero_grad, forward, backward, step) and once through `vistrain.engine.Trainer` (schedules,
-metrics, grad-norm, non-finite check, phases). Rounds alternate between the two so that machine noise hits
+metrics, count normalisation, grad-norm, the shared non-finite check, phases). Rounds alternate between the two so that machine noise hits
 both alike; the table reports the median step time of each and their ratio.
 
     python benchmarks/engine_overhead.py [--steps 150] [--rounds 3] [--batch 64] [--width 64]
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,11 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistrain.config import ExperimentConfig, load_config
-from vistrain.data.loader import build_dataset, build_train_loader
+from vistrain.data.config import ImageDataConfig
+from vistrain.data.loader import MicroBatchStream, build_image_dataset
+from vistrain.data.sampler import StreamOrder
 from vistrain.engine.dist import DistContext
-from vistrain.engine.optim import OptimConfig, build_optimizer
-from vistrain.engine.trainer import Trainer
-from vistrain.tasks.base import EvalResult, Phase
+from vistrain.engine.optim import OptimConfig
+from vistrain.engine.task import OptimizerSpec, Phase, PhaseLoss, Task
+from vistrain.tasks import TaskSpec, make_trainer, register
 
 WARMUP_STEPS = 10
 
@@ -47,42 +48,39 @@ class BenchSection:
 
 @dataclass
 class Config(ExperimentConfig):
-    task: str = "__main__"
+    task: str = "bench_classifier"
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
     bench: BenchSection = field(default_factory=BenchSection)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0))
 
 
-class Task:
+def digits_stream(cfg: Config, batch: int) -> MicroBatchStream:
+    dataset = build_image_dataset(cfg.data, "train")
+    return MicroBatchStream(dataset, StreamOrder(len(dataset), seed=0), batch, 0, 1, num_workers=0)
+
+
+class Classifier(Task):
     """The classifier as a vistrain task; it records the wall clock at the end of every step."""
 
     def __init__(self, cfg: Config, env):
-        self.train_set = build_dataset(cfg.data, "train")
-        self.val_set = None
-        net = make_model(cfg.bench.width)
-        self.nets, self.trainable = {"net": net}, ("net",)
-        self.optimizers = {"main": (build_optimizer(net, cfg.optim), cfg.optim)}
-        self.phases = [Phase("main", optimizer="main", trains=("net",), loss=self.loss)]
-        self.batch_multiplier, self.best_metric = 1, None
+        self.nets, self.trainable = {"net": make_model(cfg.bench.width)}, ("net",)
+        self.optimizers = {"main": OptimizerSpec("net", cfg.optim)}
+        self.phases = [Phase("main", optimizer="main", loss=self.loss, data=digits_stream(cfg, env.batch_size))]
         self.stamps: list[float] = []
 
     def loss(self, nets, batch):
-        loss = F.cross_entropy(nets["net"](batch["image"]), batch["label"])
-        return loss, {"loss": loss}
+        B = len(batch["label"])
+        loss_sum = F.cross_entropy(nets["net"](batch["image"]), batch["label"], reduction="sum")
+        return PhaseLoss(loss_sum, count=B, metrics={"loss": loss_sum}, samples=B)
 
     def on_step_end(self, step):
         self.stamps.append(time.perf_counter())
 
-    def evaluate(self, step):
-        return EvalResult()
-
     def model_config(self):
-        return {}
+        return {"task": "bench_classifier"}
 
-    def state_dict(self):
-        return {}
 
-    def load_state_dict(self, state):
-        pass
+register(TaskSpec(name="bench_classifier", config=Config, build=Classifier))
 
 
 def overrides(out_dir: str, steps: int, batch: int, width: int) -> list[str]:
@@ -98,19 +96,18 @@ def step_times(stamps: list[float]) -> list[float]:
 
 def run_engine(steps: int, batch: int, width: int) -> list[float]:
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = load_config(None, ["task=__main__"] + overrides(out_dir, steps, batch, width))
-        trainer = Trainer(cfg, DistContext(0, 1, 0, torch.device("cpu")))
+        cfg = load_config(None, ["task=bench_classifier"] + overrides(out_dir, steps, batch, width))
+        trainer = make_trainer(cfg, DistContext(0, 1, 0, torch.device("cpu")))
         trainer.fit()
         return step_times(trainer.task.stamps)
 
 
 def run_bare(steps: int, batch: int, width: int) -> list[float]:
-    cfg = load_config(None, ["task=__main__"] + overrides("unused", steps, batch, width))
+    cfg = load_config(None, ["task=bench_classifier"] + overrides("unused", steps, batch, width))
     torch.manual_seed(0)
-    dataset = build_dataset(cfg.data, "train")
     net = make_model(width)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
-    loader = iter(build_train_loader(dataset, batch, 0, 1, seed=0, start_batch=0, num_workers=0))
+    loader = digits_stream(cfg, batch)
     stamps = []
     for _ in range(steps):
         b = next(loader)
@@ -128,7 +125,6 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     args = parser.parse_args()
-    sys.modules.setdefault("__main__", sys.modules[__name__])
     bare, engine = [], []
     for _ in range(args.rounds):
         bare += run_bare(args.steps, args.batch, args.width)
@@ -137,8 +133,8 @@ def main() -> int:
     print(f"\nengine overhead: CNN width {args.width}, batch {args.batch}, digits 32x32, "
           f"{args.rounds} alternating rounds x {args.steps} steps, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
-    print(f"| loop   | median step (ms) | mean step (ms) | steps/s |")
-    print(f"|--------|------------------|----------------|---------|")
+    print("| loop   | median step (ms) | mean step (ms) | steps/s |")
+    print("|--------|------------------|----------------|---------|")
     for name, times in (("bare", bare), ("engine", engine)):
         med = statistics.median(times)
         print(f"| {name:<6} | {1e3 * med:16.2f} | {1e3 * statistics.fmean(times):14.2f} | {1 / med:7.1f} |")

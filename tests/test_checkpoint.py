@@ -20,7 +20,6 @@ from vistrain.engine.checkpoint import (
     resolve_resume,
     save_checkpoint,
     step_dir_name,
-    strip_wrapper_prefixes,
     update_best,
 )
 from vistrain.engine.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -68,7 +67,8 @@ def test_roundtrip_weights_config_optimizer_rng(tmp_path):
 
     path = save_checkpoint(tmp_path, 7, weights, CONFIG, train_state, metrics={"loss": 0.5})
     assert path == tmp_path / "step_00000007"
-    assert sorted(os.listdir(path)) == ["config.json", "metrics.json", "model.safetensors", "train_state.pt"]
+    assert sorted(os.listdir(path)) == ["checksums.json", "config.json", "metrics.json", "model.safetensors",
+                                        "train_state.pt"]
     assert (tmp_path / "latest").read_text().strip() == "step_00000007"
 
     w, cfg, state = load_checkpoint(path)
@@ -211,7 +211,6 @@ def test_truncated_file_raises_naming_it_and_keeps_files(tmp_path, victim):
         load_checkpoint(path)
     msg = str(info.value)
     assert str(target) in msg and "corrupt" in msg
-    assert "run.resume=never" in msg and "run.resume=" in msg
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before  # nothing deleted or rewritten
 
 
@@ -275,32 +274,37 @@ def test_load_weights_and_config_from_run_folder(tmp_path):
     assert load_model_config(path) == CONFIG
 
 
-def test_strip_wrapper_prefixes():
-    sd = {
-        "module._orig_mod.conv.weight": 1,
-        "_orig_mod.module.fc.bias": 2,
-        "blocks.0._orig_mod.attn.w": 3,
-        "blocks.1._checkpoint_wrapped_module.mlp.w": 4,
-        "inner.module.w": 5,  # a user submodule named "module": kept
-    }
-    assert strip_wrapper_prefixes(sd) == {
-        "conv.weight": 1,
-        "fc.bias": 2,
-        "blocks.0.attn.w": 3,
-        "blocks.1.mlp.w": 4,
-        "inner.module.w": 5,
-    }
-    with pytest.raises(ValueError, match="collide"):
-        strip_wrapper_prefixes({"module.w": 1, "w": 2})
+def test_a_flipped_bit_is_caught_naming_the_file_and_the_newest_intact_checkpoint(tmp_path):
+    _save(tmp_path, 1)
+    path = _save(tmp_path, 2)
+    model = path / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-3] ^= 0x10  # inside the tensor data: safetensors itself would load it without complaint
+    model.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(model) in str(e.value) and str(tmp_path / "step_00000001") in str(e.value)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_weights(path)
+    load_model_config(path)  # the files a reader needs are checked, not the others
+    load_checkpoint(tmp_path / "step_00000001")
 
 
-def test_compiled_model_state_dict_loads_into_plain_model():
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    wrapped = torch.nn.Module()
-    wrapped._orig_mod = model  # what torch.compile's OptimizedModule looks like to state_dict
-    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    plain.load_state_dict(strip_wrapper_prefixes(wrapped.state_dict()))
-    assert torch.equal(plain[0].weight, model[0].weight)
+def test_a_full_disk_is_reported_as_such_and_the_last_checkpoint_is_kept(tmp_path, monkeypatch):
+    import errno
+
+    _save(tmp_path, 1)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", no_space)
+    with pytest.raises(CheckpointError) as e:
+        _save(tmp_path, 2)
+    assert "no space left" in str(e.value) and str(tmp_path) in str(e.value)
+    assert "step_00000001" in str(e.value)
+    assert _names(tmp_path) == ["latest", "step_00000001"]
+    load_checkpoint(latest_checkpoint(tmp_path))
 
 
 def test_find_checkpoint_picks_latest_or_best(tmp_path):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from vistrain.config import ConfigError, gradient_accumulation, load_config
+from vistrain.config import ConfigError, load_config
+from vistrain.engine.config import gradient_accumulation
 from vistrain.tasks.gan import GanConfig
 
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "gan" / "digits.yaml"
@@ -45,7 +46,7 @@ def test_wrong_type_names_key_value_and_expected_type():
     ("run.seed=1.5", "run.seed"),
     ("train.precision=fp8", "train.precision"),
     ("run.loggers=[console,tensorbord]", "tensorbord"),
-    ("task=vae", "valid tasks"),
+    ("task=vae", "built-in tasks"),
     ("train.max_steps", "key=value"),
 ])
 def test_invalid_values_are_refused(override, needle):

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vistrain.data.config import DataConfig
+from vistrain.data.config import ImageDataConfig
 from vistrain.data.digits import DigitsDataset, _split_indices
 from vistrain.data.images import ImageFolderDataset
-from vistrain.data.loader import build_dataset, build_eval_loader, build_train_loader, check_enough_data
+from vistrain.data.loader import MicroBatchStream, build_eval_loader, build_image_dataset, check_enough_data
+from vistrain.data.sampler import StreamOrder
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +152,8 @@ def test_empty_or_missing_folder_is_refused_naming_it(tmp_path):
 
 def test_separate_val_folder_keeps_training_labels(class_folder, tmp_path):
     save_png(tmp_path / "val" / "red" / "v.png", solid((255, 0, 0)))
-    cfg = DataConfig(name="image_folder", root=str(class_folder), val_root=str(tmp_path / "val"), resolution=8)
-    val = build_dataset(cfg, "val")
+    cfg = ImageDataConfig(name="image_folder", root=str(class_folder), val_root=str(tmp_path / "val"), resolution=8)
+    val = build_image_dataset(cfg, "val")
     assert val.classes == ["blue", "red"] and int(val[0]["label"]) == 1
 
 
@@ -161,14 +162,14 @@ def test_separate_val_folder_keeps_training_labels(class_folder, tmp_path):
 
 def test_build_dataset_errors_name_the_key():
     with pytest.raises(ValueError, match="digits, image_folder"):
-        build_dataset(DataConfig(name="cifar"), "train")
+        build_image_dataset(ImageDataConfig(name="cifar"), "train")
     with pytest.raises(ValueError, match="data.root"):
-        build_dataset(DataConfig(name="image_folder"), "train")
+        build_image_dataset(ImageDataConfig(name="image_folder"), "train")
 
 
 def test_too_few_images_for_one_global_batch(digits_val):
     check_enough_data(digits_val, 180, "data (val)")
-    with pytest.raises(ValueError, match=r"data \(val\) has 180 images.*train.batch_size=256"):
+    with pytest.raises(ValueError, match=r"data \(val\) has 180 items.*train.batch_size=256"):
         check_enough_data(digits_val, 256, "data (val)")
 
 
@@ -185,17 +186,21 @@ def assert_same_batches(a, b):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
 
 
-def test_train_loader_same_batches_with_workers_resume_and_no_global_rng(digits_train):
+def test_train_stream_same_batches_with_workers_resume_and_no_global_rng(digits_train):
     state = torch.get_rng_state()
-    kw = dict(global_batch_size=8, rank=1, world_size=2, seed=4)
-    ref = first_batches(build_train_loader(digits_train, start_batch=0, num_workers=0, **kw), 5)
+
+    def make(workers, rank=1):
+        order = StreamOrder(len(digits_train), seed=4)
+        return MicroBatchStream(digits_train, order, 4, rank=rank, world_size=2, num_workers=workers)
+
+    ref = first_batches(make(0), 5)
     assert ref[0]["image"].shape == (4, 3, 16, 16)
-    workers = first_batches(build_train_loader(digits_train, start_batch=0, num_workers=2, **kw), 5)
-    assert_same_batches(ref, workers)
-    resumed = first_batches(build_train_loader(digits_train, start_batch=3, num_workers=0, **kw), 2)
-    assert_same_batches(ref[3:], resumed)
+    assert_same_batches(ref, first_batches(make(2), 5))
+    resumed = make(0)
+    resumed.load_state_dict({"position": 3 * 8})
+    assert_same_batches(ref[3:], first_batches(resumed, 2))
     assert torch.equal(state, torch.get_rng_state())
-    other_rank = first_batches(build_train_loader(digits_train, 8, 0, 2, 4, 0, 0), 1)
+    other_rank = first_batches(make(0, rank=0), 1)
     assert not torch.equal(other_rank[0]["image"], ref[0]["image"])
 
 

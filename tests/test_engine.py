@@ -9,7 +9,8 @@ import torch
 from vistrain.config import load_config
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine.dist import DistContext
-from vistrain.engine.trainer import Preempted, Trainer, TrainingDiverged
+from vistrain.engine.trainer import Preempted, TrainingDiverged
+from vistrain.tasks import make_trainer
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -34,25 +35,25 @@ def assert_same_weights(a, b):
 
 
 def test_resume_from_middle_checkpoint_is_bit_identical(tmp_path):
-    Trainer(toy_config(tmp_path / "a"), CPU).fit()
+    make_trainer(toy_config(tmp_path / "a"), CPU).fit()
     middle = tmp_path / "a" / "checkpoints" / "step_00000010"
-    Trainer(toy_config(tmp_path / "b", f"run.resume={middle}"), CPU).fit()
+    make_trainer(toy_config(tmp_path / "b", f"run.resume={middle}"), CPU).fit()
     assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
     # and a run that skipped nothing differs from one that resumed with the wrong state
-    Trainer(toy_config(tmp_path / "c", "run.seed=1"), CPU).fit()
-    assert not torch.equal(final_weights(tmp_path / "a")["net.0.weight"], final_weights(tmp_path / "c")["net.0.weight"])
+    make_trainer(toy_config(tmp_path / "c", "run.seed=1"), CPU).fit()
+    assert not torch.equal(final_weights(tmp_path / "a")["net.inp.weight"], final_weights(tmp_path / "c")["net.inp.weight"])
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    Trainer(toy_config(tmp_path / "big", "toy.dropout=0.0"), CPU).fit()
-    Trainer(toy_config(tmp_path / "acc", "toy.dropout=0.0", "train.micro_batch_size=8"), CPU).fit()
+    make_trainer(toy_config(tmp_path / "big", "toy.dropout=0.0"), CPU).fit()
+    make_trainer(toy_config(tmp_path / "acc", "toy.dropout=0.0", "train.micro_batch_size=8"), CPU).fit()
     a, b = final_weights(tmp_path / "big"), final_weights(tmp_path / "acc")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 def test_non_finite_steps_are_skipped_then_training_stops_with_last_good_checkpoint(tmp_path):
-    trainer = Trainer(toy_config(tmp_path, "toy.nan_from_step=7", "train.max_nonfinite_steps=3"), CPU)
+    trainer = make_trainer(toy_config(tmp_path, "toy.nan_from_step=7", "train.max_nonfinite_steps=3"), CPU)
     before = None
     with pytest.raises(TrainingDiverged) as e:
         trainer.fit()
@@ -68,9 +69,9 @@ def test_non_finite_steps_are_skipped_then_training_stops_with_last_good_checkpo
 
 
 def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_path, monkeypatch):
-    Trainer(toy_config(tmp_path / "full"), CPU).fit()
+    make_trainer(toy_config(tmp_path / "full"), CPU).fit()
 
-    trainer = Trainer(toy_config(tmp_path / "pre"), CPU)
+    trainer = make_trainer(toy_config(tmp_path / "pre"), CPU)
     original = trainer.task.on_step_end
 
     def on_step_end(step):
@@ -82,14 +83,14 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_p
     with pytest.raises(Preempted) as e:
         trainer.fit()
     assert e.value.checkpoint.name == "step_00000007"
-    Trainer(toy_config(tmp_path / "pre"), CPU).fit()  # run.resume=auto
+    make_trainer(toy_config(tmp_path / "pre"), CPU).fit()  # run.resume=auto
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "pre"))
 
 
 def test_schedule_reaches_the_optimizer_and_metrics_are_logged(tmp_path):
     import json
 
-    Trainer(toy_config(tmp_path), CPU).fit()
+    make_trainer(toy_config(tmp_path), CPU).fit()
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e["split"] == "train"]
     assert [e["step"] for e in train] == [5, 10, 15, 20]
@@ -101,7 +102,7 @@ def test_schedule_reaches_the_optimizer_and_metrics_are_logged(tmp_path):
 
 
 def test_keep_last_prunes_but_keeps_latest(tmp_path):
-    Trainer(toy_config(tmp_path, "train.keep_last=2"), CPU).fit()
+    make_trainer(toy_config(tmp_path, "train.keep_last=2"), CPU).fit()
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert names == ["step_00000015", "step_00000020"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000020"
@@ -109,31 +110,31 @@ def test_keep_last_prunes_but_keeps_latest(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_and_resumes_exactly(tmp_path, precision):
-    Trainer(toy_config(tmp_path / "a", f"train.precision={precision}"), CPU).fit()
+    make_trainer(toy_config(tmp_path / "a", f"train.precision={precision}"), CPU).fit()
     middle = tmp_path / "a" / "checkpoints" / "step_00000010"
     _, _, state = ckpt_lib.load_checkpoint(middle)
     if precision == "fp16":  # the GradScaler's scale and growth tracker are part of the checkpoint
         assert state["scalers"]["main"]["scale"] > 0
     else:
         assert state["scalers"]["main"] == {}
-    Trainer(toy_config(tmp_path / "b", f"train.precision={precision}", f"run.resume={middle}"), CPU).fit()
+    make_trainer(toy_config(tmp_path / "b", f"train.precision={precision}", f"run.resume={middle}"), CPU).fit()
     assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
 
 
 def test_random_seed_is_drawn_recorded_and_kept_on_resume(tmp_path):
     from omegaconf import OmegaConf
 
-    Trainer(toy_config(tmp_path, "run.seed=random", "train.max_steps=5"), CPU).fit()
+    make_trainer(toy_config(tmp_path, "run.seed=random", "train.max_steps=5"), CPU).fit()
     seed = OmegaConf.load(tmp_path / "config.yaml").run.seed
     assert isinstance(seed, int)
     _, _, state = ckpt_lib.load_checkpoint(tmp_path / "checkpoints" / "step_00000005")
     assert state["seed"] == seed
-    resumed = Trainer(toy_config(tmp_path, "run.seed=random", "train.max_steps=10"), CPU)
+    resumed = make_trainer(toy_config(tmp_path, "run.seed=random", "train.max_steps=10"), CPU)
     assert resumed.seed == seed
 
 
 def test_profile_writes_a_trace_of_the_requested_steps(tmp_path):
-    Trainer(toy_config(tmp_path, "train.profile=true", "train.profile_start=2", "train.profile_steps=3"), CPU).fit()
+    make_trainer(toy_config(tmp_path, "train.profile=true", "train.profile_start=2", "train.profile_steps=3"), CPU).fit()
     traces = list((tmp_path / "profile").glob("*.json"))
     assert [t.name for t in traces] == ["trace_rank0_steps2-5.json"]
     assert traces[0].stat().st_size > 1000

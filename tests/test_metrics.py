@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 from PIL import Image
 
 from vistrain.engine.images import make_grid, save_png, to_uint8_hwc
-from vistrain.engine.metrics import ETA, MetricAccumulator, Smoothed, format_duration, peak_memory_mb
+from vistrain.engine.metrics import ETA, MetricAccumulator, format_duration, peak_memory_mb
 
 
 def test_accumulator_means_since_last_reduce_then_clears():
@@ -44,18 +43,19 @@ def test_accumulator_mixes_floats_and_tensors_and_low_precision():
 
 
 def test_accumulator_rejects_non_scalar_with_a_hint():
-    with pytest.raises(ValueError, match="'acc'.*mean"):
+    with pytest.raises(ValueError, match="'acc'.*sum"):
         MetricAccumulator().add("acc", torch.ones(3))
 
 
-def test_smoothed_window_and_global():
-    s = Smoothed(window=3)
-    assert math.isnan(s.median)
-    for v in (100.0, 1.0, 2.0, 9.0):
-        s.update(v)
-    assert s.median == 2.0  # window holds 1, 2, 9
-    assert s.avg == pytest.approx(4.0)
-    assert s.global_avg == pytest.approx(28.0)
+def test_accumulator_weighted_means_and_totals():
+    acc = MetricAccumulator()
+    # Two micro-batches of 3 and 5 tokens with loss sums 3.0 and 25.0: the token mean is 28 / 8, not (1 + 5) / 2.
+    acc.add("loss", torch.tensor(3.0), weight=3)
+    acc.add("loss", torch.tensor(25.0), weight=torch.tensor(5.0))
+    acc.add_total("tokens", 3)
+    acc.add_total("tokens", torch.tensor(5))
+    assert acc.reduce() == pytest.approx({"loss": 3.5, "tokens": 8.0})
+    assert acc.reduce() == {}
 
 
 def test_format_duration():
@@ -144,9 +144,11 @@ def _reduce_worker(rank: int, init_file: str, results) -> None:
         acc.add("loss", torch.tensor(1.0))
         acc.add("acc", 0.0)
         acc.add("loss", torch.tensor(3.0))
+        acc.add_total("tokens", 7)
     else:
         acc.add("acc", 1.0)
         acc.add("loss", torch.tensor(5.0))
+        acc.add_total("tokens", 29)
     results.put((rank, acc.reduce()))
     dist.destroy_process_group()
 
@@ -158,4 +160,4 @@ def test_accumulator_reduce_averages_over_ranks(tmp_path):
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_reduce_worker, args=(str(tmp_path / "init"), results), nprocs=2)
     got = dict(results.get() for _ in range(2))
-    assert got[0] == got[1] == pytest.approx({"acc": 0.5, "loss": 3.0})
+    assert got[0] == got[1] == pytest.approx({"acc": 0.5, "loss": 3.0, "tokens": 36.0})

@@ -1,14 +1,12 @@
 """End to end through the CLI, as a user runs it: kill and resume, torchrun, bad inputs, sampling."""
 
 import random
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file

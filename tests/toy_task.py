@@ -1,19 +1,28 @@
 """A tiny regression task for engine tests: `task: toy_task` (tests/ is on sys.path under pytest).
 
-Small enough that a run takes well under a second, and it can be told to produce a NaN loss from a given
-step on, to test non-finite skipping.
+It is also the shortest complete example of the task contract: a config with its own section, networks and
+an optimizer declared, one phase whose loss is a sum over samples with their count, a resumable data
+stream, counters that survive a resume, and a registered spec.
+
+Its knobs make failures happen on purpose: a NaN loss from a given step, an exception on one rank, a
+SIGTERM (twice, the second during the preemption save), and uneven micro-batches.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from vistrain.config import ExperimentConfig
-from vistrain.engine.optim import OptimConfig, build_optimizer
-from vistrain.tasks.base import EvalResult, Phase
+from vistrain.data.loader import MicroBatchStream
+from vistrain.data.sampler import StreamOrder
+from vistrain.engine.optim import OptimConfig
+from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
+from vistrain.tasks import TaskSpec, register
 
 
 class PairsDataset(torch.utils.data.Dataset):
@@ -32,12 +41,32 @@ class PairsDataset(torch.utils.data.Dataset):
         return {"x": self.x[i], "y": self.y[i]}
 
 
+class MLP(nn.Module):
+    """Repeated blocks in `blocks`, so that FSDP, compile and activation checkpointing apply per block."""
+
+    def __init__(self, dim: int = 8, width: int = 16, depth: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Dropout(dropout))
+                                    for _ in range(depth))
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
 @dataclass
 class ToySection:
     nan_from_step: int = -1  # from this step on the loss is NaN; -1 never
+    nan_rank: int = -1  # only this rank's loss is NaN (-1: every rank)
     dropout: float = 0.1  # some randomness in the step, so RNG restore matters
     fail_rank: int = -1  # this rank raises at fail_at_step (distributed failure tests)
     fail_at_step: int = -1
+    sigterm_at_step: int = -1  # rank 0 sends itself SIGTERM after this step, and again while it saves
+    uneven: bool = False  # micro-batches keep a varying number of their samples (the count changes)
 
 
 @dataclass
@@ -47,30 +76,39 @@ class Config(ExperimentConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2))
 
 
-class Task:
-    def __init__(self, cfg: Config, env):
+class ToyTask(Task):
+    def __init__(self, cfg: Config, env: TaskEnv):
         self.cfg, self.env = cfg, env
         self.train_set = PairsDataset()
-        self.val_set = None
-        net = nn.Sequential(nn.Linear(8, 16), nn.Dropout(cfg.toy.dropout), nn.Linear(16, 1)).to(env.dist.device)
-        self.nets = {"net": net}
+        self.nets = {"net": MLP(dropout=cfg.toy.dropout).to(env.dist.device)}
         self.trainable = ("net",)
-        self.optimizers = {"main": (build_optimizer(net, cfg.optim), cfg.optim)}
-        self.phases = [Phase("main", optimizer="main", trains=("net",), loss=self.loss)]
-        self.batch_multiplier = 1
-        self.best_metric = None
+        self.optimizers = {"main": OptimizerSpec("net", cfg.optim)}
+        self.data = MicroBatchStream(self.train_set, StreamOrder(len(self.train_set), env.seed),
+                                     env.micro_batch_size, env.dist.rank, env.dist.world_size,
+                                     cfg.data.num_workers)
+        self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.data)]
         self.step = 0
+        self.saves = 0
 
-    def loss(self, nets, batch):
-        loss = (nets["net"](batch["x"]) - batch["y"]).square().mean()
-        if 0 <= self.cfg.toy.nan_from_step <= self.step:
-            loss = loss * float("nan")
-        return loss, {"loss": loss}
+    def loss(self, nets, batch) -> PhaseLoss:
+        x, y = batch["x"], batch["y"]
+        if self.cfg.toy.uneven:  # keep 1..B samples, varying with the data: uneven counts per micro-batch
+            keep = 1 + int(batch["x"][0, 0].abs() * 1000) % len(x)
+            x, y = x[:keep], y[:keep]
+        per_sample = (nets["net"](x) - y).square().flatten()
+        bad_rank = self.cfg.toy.nan_rank in (-1, self.env.dist.rank)
+        if 0 <= self.cfg.toy.nan_from_step <= self.step and bad_rank:
+            per_sample = per_sample * float("nan")
+        loss_sum = per_sample.sum()
+        return PhaseLoss(loss_sum, count=len(x), metrics={"loss": loss_sum}, samples=len(x))
 
     def on_step_end(self, step):
         self.step = step
-        if self.env.dist.rank == self.cfg.toy.fail_rank and step == self.cfg.toy.fail_at_step:
-            raise RuntimeError(f"toy failure on rank {self.env.dist.rank} at step {step}")
+        rank = self.env.dist.rank
+        if rank == self.cfg.toy.fail_rank and step == self.cfg.toy.fail_at_step:
+            raise RuntimeError(f"toy failure on rank {rank} at step {step}")
+        if rank == 0 and step == self.cfg.toy.sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def evaluate(self, step):
         return EvalResult()
@@ -79,7 +117,13 @@ class Task:
         return {"task": "toy_task"}
 
     def state_dict(self):
-        return {"step": self.step}
+        if self.env.dist.rank == 0 and self.step == self.cfg.toy.sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # a second signal while the preemption checkpoint is written
+        return {"step": self.step, "data": self.data.state_dict()}
 
     def load_state_dict(self, state):
-        self.step = int(state.get("step", 0))
+        self.step = int(state["step"])
+        self.data.load_state_dict(state["data"])
+
+
+register(TaskSpec(name="toy_task", config=Config, build=ToyTask))

@@ -1,9 +1,16 @@
-"""`vistrain train | sample`: the one entry point (also `python -m vistrain`, and under torchrun)."""
+"""`vistrain train | sample`: the one entry point (also `python -m vistrain`, and under torchrun).
+
+A thin face: it parses arguments, asks the task registry for the task, hands the engine a way to build it,
+and turns the errors that speak to the user into one line and an exit status (2: bad config or arguments,
+1: the run could not go on, 75: preempted, checkpoint written, rerun to continue).
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 USAGE_EXAMPLES = """examples:
@@ -12,6 +19,7 @@ USAGE_EXAMPLES = """examples:
   torchrun --nproc_per_node=2 -m vistrain train configs/gan/digits.yaml
   vistrain sample runs/gan_digits --out grid.png --num 64 --labels 3,7
 """
+MAX_GRID_IMAGES = 4096  # a .png grid beyond this is unreadable and huge; .npz is for many images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,95 +29,190 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", help="YAML config file (see configs/)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-    train.add_argument("--smoke", action="store_true", help="a few steps on tiny shapes, for a quick check")
+    train.add_argument("--smoke", action="store_true",
+                       help="a few steps on tiny shapes in a temporary folder: checks a config in seconds")
     sample = sub.add_parser("sample", help="draw images from a trained model")
     sample.add_argument("source", help="a run folder (uses its latest checkpoint) or a checkpoint folder")
     sample.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (arr_0: N x H x W x 3 uint8)")
-    sample.add_argument("--num", type=int, default=64)
+    sample.add_argument("--num", type=int, default=64, help="number of images")
     sample.add_argument("--labels", default=None, help="comma-separated class ids to cycle through, e.g. 0,1,2")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     sample.add_argument("--which", choices=("latest", "best"), default="latest",
                         help="for a run folder: which checkpoint to use")
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    args = parser.parse_args(argv)
-    return run_train(args) if args.command == "train" else run_sample(args)
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        # Flags may stand anywhere, also between overrides (`train CONFIG --smoke a=1`): argparse then leaves
+        # the overrides after the flag unparsed; they are overrides all the same.
+        unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+        if unknown:
+            train.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides += extra
+        return run_train(args)
+    return run_sample(parser, sample, argv)
+
+
+def _fail(message: str, status: int, prefix: str = "") -> int:
+    print(f"{prefix}vistrain: error: {message}", file=sys.stderr, flush=True)
+    return status
 
 
 def run_train(args) -> int:
-    from vistrain.config import ConfigError, load_config
+    from vistrain.config import load_config
     from vistrain.engine.checkpoint import CheckpointError
+    from vistrain.engine.dist import init_distributed, shutdown
+    from vistrain.engine.rundir import RunDirError
+    from vistrain.engine.trainer import EXIT_REQUEUE, AlreadyDone, Preempted, TrainingDiverged
+    from vistrain.errors import ConfigError
+    from vistrain.tasks import get_spec, make_trainer
 
     overrides = list(args.overrides)
     try:
         if args.smoke:
             overrides = smoke_overrides(args.config, overrides)
         cfg = load_config(args.config, overrides)
+        get_spec(cfg.task)
+        ctx = init_distributed(cfg.run.device, cfg.run.dist_timeout_s, always=cfg.train.parallel == "fsdp")
     except ConfigError as e:
-        print(f"vistrain: config error: {e}", file=sys.stderr)
-        return 2
-    from vistrain.engine.dist import init_distributed, shutdown
-    from vistrain.engine.trainer import EXIT_REQUEUE, Preempted, Trainer, TrainingDiverged
-
-    ctx = init_distributed(cfg.run.device, cfg.run.dist_timeout_s)
-    prefix = f"[rank {ctx.rank}] " if ctx.distributed else ""
+        return _fail(f"config error: {e}", 2)
+    prefix = f"[rank {ctx.rank}] " if ctx.world_size > 1 else ""
     try:
-        final = Trainer(cfg, ctx).fit()
+        final = make_trainer(cfg, ctx).fit()
         if ctx.is_main:
             print(f"done: {final}\n  samples: {Path(cfg.run.out_dir) / 'samples'}", flush=True)
         return 0
+    except AlreadyDone as e:
+        if ctx.is_main:
+            print(f"vistrain: {e}", flush=True)
+        return 0
     except Preempted as e:
+        # The scheduler may signal again while we exit: that must not turn status 75 into 143.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         if ctx.is_main:
             print(f"vistrain: {e}", file=sys.stderr, flush=True)
         return EXIT_REQUEUE
-    except (ConfigError, CheckpointError, TrainingDiverged, ValueError) as e:
-        print(f"{prefix}vistrain: error: {e}", file=sys.stderr, flush=True)
-        return 2 if isinstance(e, ConfigError) else 1
+    except ConfigError as e:
+        return _fail(f"config error: {e}", 2, prefix)
+    except (CheckpointError, RunDirError, TrainingDiverged, ValueError) as e:
+        return _fail(str(e), 1, prefix)
     finally:
         shutdown(ctx)
 
 
 def smoke_overrides(config_path: str, overrides: list[str]) -> list[str]:
-    """Tiny shapes and a handful of steps, written beside the real run so it never touches its checkpoints."""
-    from vistrain.config import load_config, task_module
+    """Tiny shapes and a handful of steps, in a fresh temporary folder: never near the real run."""
+    from vistrain.config import load_config
+    from vistrain.tasks import get_spec
 
     cfg = load_config(config_path, overrides)
+    out_dir = tempfile.mkdtemp(prefix="vistrain-smoke-")
+    print(f"smoke run in {out_dir}", flush=True)
     smoke = [
-        "train.smoke=true", "train.max_steps=3", "train.log_every=1", "train.eval_every=3",
-        "train.ckpt_every=3", "train.batch_size=8", "train.micro_batch_size=0", "data.num_workers=0",
-        "run.resume=never", f"run.out_dir={cfg.run.out_dir.rstrip('/')}-smoke",
+        "train.max_steps=3", "train.log_every=1", "train.eval_every=3", "train.ckpt_every=3",
+        "train.batch_size=8", "train.micro_batch_size=0", "data.num_workers=0", "run.resume=never",
+        f"run.out_dir={out_dir}",
     ]
-    return overrides + smoke + list(getattr(task_module(cfg.task), "SMOKE_OVERRIDES", []))
+    return overrides + smoke + list(get_spec(cfg.task).smoke_overrides)
 
 
-def run_sample(args) -> int:
-    import numpy as np
-
-    from vistrain.config import task_module
+def run_sample(parser: argparse.ArgumentParser, sample_parser: argparse.ArgumentParser, argv: list[str]) -> int:
     from vistrain.engine import checkpoint as ckpt_lib
-    from vistrain.engine.dist import pick_device
-    from vistrain.engine.images import make_grid, save_png, to_uint8_hwc
+    from vistrain.errors import ConfigError
+    from vistrain.tasks import get_spec
 
-    out = Path(args.out)
-    if out.suffix not in (".png", ".npz"):
-        print(f"vistrain: --out {out}: expected a .png or .npz file name", file=sys.stderr)
-        return 2
+    args, _ = parser.parse_known_args(argv)  # the task's own flags are not known yet
     try:
         ckpt = ckpt_lib.find_checkpoint(Path(args.source), args.which)
         model_config = ckpt_lib.load_model_config(ckpt)
+        spec = get_spec(str(model_config.get("task")))
+    except (ckpt_lib.CheckpointError, ConfigError) as e:
+        return _fail(_sample_message(e, args), 1)
+    if spec.sample is None:
+        return _fail(f"task {spec.name!r} of {ckpt} cannot sample images", 2)
+    for option in spec.sample_options:  # the task's own flags, now that the task is known
+        sample_parser.add_argument(option.flag, type=option.type, default=option.default, help=option.help)
+    args = parser.parse_args(argv)
+    try:
+        request, out, device = _sample_request(args, spec)
+    except (ValueError, ConfigError) as e:
+        return _fail(str(e), 2)
+    try:
         weights = ckpt_lib.load_weights(ckpt)
-        labels = [int(c) for c in args.labels.split(",")] if args.labels else None
-        module = task_module(model_config["task"])
-        images = module.sample(model_config, weights, args.num, labels, args.seed, pick_device(args.device, 0))
+        written = _write_samples(spec.sample(model_config, weights, request, device), out, request.num)
     except (ckpt_lib.CheckpointError, ValueError) as e:
-        print(f"vistrain: error: {e}", file=sys.stderr)
-        return 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npz":
-        np.savez(out, arr_0=to_uint8_hwc(images))
-    else:
-        save_png(out, make_grid(images))
-    print(f"wrote {len(images)} images from {ckpt} to {out}")
+        return _fail(_sample_message(e, args), 1)
+    print(f"wrote {written} images from {ckpt} to {out}")
     return 0
+
+
+def _sample_message(err: Exception, args) -> str:
+    text = str(err)
+    if args.which == "best" and "no checkpoint found" in text:
+        return f"{args.source} has no `best` checkpoint (no eval metric was recorded yet); use --which latest"
+    return text
+
+
+def _sample_request(args, spec):
+    """Check the flags of `vistrain sample`; every message names the flag."""
+    from vistrain.engine.dist import pick_device
+    from vistrain.tasks import SampleRequest
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name ending in .png or .npz")
+    if out.suffix not in (".png", ".npz"):
+        raise ValueError(f"--out {out}: expected a file name ending in .png (a grid) or .npz (arr_0 array)")
+    if args.num < 1:
+        raise ValueError(f"--num {args.num}: must be at least 1")
+    if out.suffix == ".png" and args.num > MAX_GRID_IMAGES:
+        raise ValueError(f"--num {args.num} with a .png grid: at most {MAX_GRID_IMAGES}; write .npz for more")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+    labels = None
+    if args.labels:
+        try:
+            labels = [int(c) for c in args.labels.split(",")]
+        except ValueError:
+            raise ValueError(f"--labels {args.labels}: expected comma-separated class ids, e.g. 0,3,7") from None
+    try:
+        device = pick_device(args.device, 0)
+    except Exception as e:
+        raise ValueError(f"--device {args.device}: {e}") from None
+    options = {option.flag.lstrip("-").replace("-", "_"): None for option in spec.sample_options}
+    options = {name: getattr(args, name) for name in options}
+    return SampleRequest(args.num, labels, args.seed, args.batch_size, options), out, device
+
+
+def _write_samples(chunks, out: Path, num: int) -> int:
+    """Write chunks of images as they come (.npz), or as one grid (.png); a progress bar on stderr."""
+    import torch
+    from tqdm import tqdm
+
+    from vistrain.engine.images import NpzImageWriter, make_grid, save_png
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=num, unit="img", desc="sampling", file=sys.stderr, disable=None)
+    written = 0
+    try:
+        if out.suffix == ".npz":
+            with NpzImageWriter(out, num) as writer:
+                for chunk in chunks:
+                    writer.write(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+        else:
+            images = []
+            for chunk in chunks:
+                images.append(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
+            save_png(out, make_grid(torch.cat(images)))
+    finally:
+        bar.close()
+    return written
 
 
 if __name__ == "__main__":

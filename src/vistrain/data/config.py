@@ -1,4 +1,4 @@
-"""Configuration of the image data sets shared by the GAN, VQ-VAE and VAR tasks."""
+"""Configuration of the data sections: the key every task shares, and the image data sets' keys."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ from typing import Optional
 
 @dataclass
 class DataConfig:
+    """`data.*` keys every task has; a task's own data section extends this one."""
+
+    num_workers: int = 2  # loader worker processes per rank; 0 loads in the training process
+
+
+@dataclass
+class ImageDataConfig(DataConfig):
+    """Labelled image data sets, for the GAN, VQ-VAE and VAR tasks."""
+
     name: str = "digits"  # digits | image_folder
     # image_folder: a folder of class sub-folders (ImageNet layout: root/<class>/**/<image>) or a flat
     # folder of images (unconditional, every label 0).
@@ -18,4 +27,3 @@ class DataConfig:
     resolution: int = 32  # square output side in pixels
     channels: int = 3  # 1 (grayscale) or 3 (RGB)
     hflip: bool = False  # random horizontal flip in training only
-    num_workers: int = 2  # loader worker processes per rank; 0 loads in the training process

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from vistrain.engine.sampler import split_key
+from vistrain.data.sampler import split_key
 
 NUM_VAL_PER_CLASS = 18  # 10 classes x 18 = 180 validation images, the remaining 1617 train
 _SPLIT_SEED = 20240601  # fixed: the split must not move with run.seed, or val metrics are incomparable

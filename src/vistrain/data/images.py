@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vistrain.engine.sampler import split_key
+from vistrain.data.sampler import split_key
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 MAX_DECODE_TRIES = 16  # consecutive unreadable files before we stop and blame the folder

@@ -1,7 +1,8 @@
-"""Data sets and loaders from a DataConfig, for training (infinite, resumable) and evaluation (one pass).
+"""Data sets and loaders: the resumable training stream of micro-batches, and one-pass evaluation loaders.
 
 Reproducibility contract the trainer relies on:
-- the training stream is fixed by (seed, batches consumed): resume rebuilds the loader with start_batch;
+- the training stream is fixed by (seed, items consumed): a resumed run restores the position and the
+  stream continues with exactly the next micro-batch;
 - augmentation draws only from the per-item sample seed, so num_workers and prefetching change nothing;
 - creating or iterating a loader never draws from the global torch RNG (each loader has its own
   generator), so resuming does not shift the model's dropout / noise streams.
@@ -10,24 +11,27 @@ Reproducibility contract the trainer relies on:
 from __future__ import annotations
 
 import functools
+import itertools
 import random
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vistrain.data.config import DataConfig
+from vistrain.data.config import ImageDataConfig
 from vistrain.data.digits import DigitsDataset
 from vistrain.data.images import ImageFolderDataset, discover_classes
-from vistrain.engine.sampler import InfiniteBatchSampler, hash_ints
+from vistrain.data.sampler import StreamOrder, hash_ints
 
 DATASET_NAMES = ("digits", "image_folder")
 _LOADER_TAG = 0x4C4F4144  # "LOAD"
 _WORKER_TAG = 0x574F524B  # "WORK"
 
 
-def build_dataset(cfg: DataConfig, split: str) -> Dataset:
-    """The ``split`` ("train" | "val") of the data set that ``cfg`` names; flips only ever in training."""
+def build_image_dataset(cfg: ImageDataConfig, split: str) -> Dataset:
+    """The ``split`` ("train" | "val") of the image data set that ``cfg`` names; flips only in training."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}.")
     train = split == "train"
@@ -48,20 +52,13 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
     raise ValueError(f"unknown data.name={cfg.name!r}; valid names: {', '.join(DATASET_NAMES)}.")
 
 
-def check_enough_data(
-    dataset: Dataset, global_batch_size: int, what: str, source: str = "train.batch_size"
-) -> None:
-    """Refuse a data set smaller than one global batch, instead of failing later with an unrelated error.
-
-    ``source`` names where ``global_batch_size`` comes from, printed as ``source=global_batch_size``:
-    e.g. "train.batch_size x 2 (d and g phases)" when a task draws several batches per step.
-    """
+def check_enough_data(dataset: Dataset, global_batch_size: int, what: str) -> None:
+    """Refuse a data set smaller than one global batch, instead of training on a batch of repeats."""
     n = len(dataset)  # type: ignore[arg-type]
     if n < global_batch_size:
         raise ValueError(
-            f"{what} has {n} images, fewer than one global batch ({source}={global_batch_size}, summed over "
-            f"all ranks). Lower train.batch_size so that one global batch fits in {n} images, or add images "
-            f"to the data set."
+            f"{what} has {n} items, fewer than one global batch (train.batch_size={global_batch_size}, summed "
+            f"over all ranks). Lower train.batch_size so that one global batch fits in {n} items, or add data."
         )
 
 
@@ -82,36 +79,78 @@ def _private_generator(*values: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash_ints(_LOADER_TAG, *values) >> 1)
 
 
-def build_train_loader(
-    dataset: Dataset,
-    global_batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    start_batch: int,
-    num_workers: int,
-) -> DataLoader:
-    """An endless loader of this rank's ``global_batch_size / world_size`` items per step.
+class _RankSlices:
+    """Batch sampler: this rank's keys of global micro-batch m = 0, 1, ... from stream position ``start``."""
 
-    Call ``iter()`` on it once and keep the iterator: every new iterator restarts at ``start_batch``.
+    def __init__(self, order: StreamOrder, start: int, micro_batch_size: int, rank: int, world_size: int):
+        self.order, self.start = order, start
+        self.micro, self.rank, self.world = micro_batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        global_micro = self.micro * self.world
+        for m in itertools.count():
+            yield self.order.keys(self.start + m * global_micro + self.rank * self.micro, self.micro)
+
+
+class MicroBatchStream:
+    """This rank's micro-batches of an endless training stream, resumable by position.
+
+    Global micro-batch m covers stream positions ``[p + m*M*W, p + (m+1)*M*W)`` for a start position p,
+    micro-batch size M and W ranks; rank r loads the slice ``[r*M, (r+1)*M)`` of it. ``position`` counts
+    the items all ranks together have consumed, so a run saved on W ranks resumes on W' ranks at the same
+    place in the data (with the same global batch, every optimizer step then sees the same items).
+
+    The loader and its workers start at the first ``next()``: ``load_state_dict`` before that costs nothing.
     """
-    sampler = InfiniteBatchSampler(
-        len(dataset),  # type: ignore[arg-type]
-        global_batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        start_batch=start_batch,
-    )
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        worker_init_fn=functools.partial(_seed_worker, seed=seed, rank=rank),
-        generator=_private_generator(seed, rank),
-        persistent_workers=num_workers > 0,
-        pin_memory=False,  # the trainer moves batches to the device itself
-    )
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        order: StreamOrder,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        collate_fn: Optional[Callable[[list[Any]], Any]] = None,
+    ) -> None:
+        if micro_batch_size < 1:
+            raise ValueError(f"micro-batch size must be >= 1, got {micro_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers}: must be >= 0 (0 loads in the training process)")
+        self.dataset, self.order = dataset, order
+        self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
+        self.num_workers, self.collate_fn = num_workers, collate_fn
+        self.position = 0
+        self._batches: Optional[Iterator[Any]] = None
+
+    def __iter__(self) -> MicroBatchStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self._batches is None:
+            self._batches = iter(self._loader(self.position))
+        batch = next(self._batches)
+        self.position += self.micro_batch_size * self.world_size
+        return batch
+
+    def _loader(self, start: int) -> DataLoader:
+        seed = self.order.seed
+        return DataLoader(
+            self.dataset,
+            batch_sampler=_RankSlices(self.order, start, self.micro_batch_size, self.rank, self.world_size),
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            worker_init_fn=functools.partial(_seed_worker, seed=seed, rank=self.rank),
+            generator=_private_generator(seed, self.rank, start),
+            pin_memory=False,  # the trainer moves batches to the device itself
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+        self._batches = None  # the next next() starts a loader at the restored position
 
 
 def build_eval_loader(

@@ -1,12 +1,14 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, resumable checkpoint folders: writing, checksums, finding and reading them.
 
-Layout (a contract shared with the CLI and the docs, see DESIGN.md "Output folder")::
+Layout (a contract shared with the CLI and the docs, see README "Output folder")::
 
     checkpoints/
       step_00001000/
-        model.safetensors   all networks, keys prefixed by the caller ("G.", "D.", "G_ema.", ...)
+        model.safetensors   all networks, keys prefixed by name ("G.", "D.", "G_ema.", ...), full tensors
         config.json         model config, enough to rebuild the networks alone
-        train_state.pt      optimizers, scalers, schedules, sampler position, RNG states, step
+        train_state.pt      optimizers, scalers, data position, RNG states, step (read weights_only)
+        train_state/        under FSDP: the optimizers' sharded state, one file per rank (torch DCP)
+        checksums.json      sha256 of every file above: a bit flip is caught before anything is loaded
         metrics.json        optional: the metrics known when the checkpoint was written
       latest                text file: "step_00001000"
       best                  text file: name of the best folder by the task's metric
@@ -17,15 +19,20 @@ name, flushed and fsynced, then renamed in one ``os.replace``. ``latest`` and ``
 same way, so a reader sees either the old or the new name, never a half-written one. Leftover
 ``.tmp-*`` entries can only come from a killed writer and are removed at the next save.
 
-Security: nothing here unpickles arbitrary objects. Weights go through safetensors and
-``train_state.pt`` is always read with ``torch.load(weights_only=True)``, which is why
-:func:`save_checkpoint` refuses train states holding anything but plain data (see its docstring).
+Writing is ``begin_checkpoint`` (rank 0 makes the temporary folder), every rank writing its files into it,
+then ``commit_checkpoint`` (rank 0: checksums, fsync, rename, ``latest``); ``save_checkpoint`` does all of
+it for a single writer.
 
-Saving is single-writer: in distributed runs only one process (rank 0) calls the writers here.
+Security: weights go through safetensors and ``train_state.pt`` is always read with
+``torch.load(weights_only=True)``, which is why the writer refuses train states holding anything but
+plain data. The FSDP shard folder is read by torch.distributed.checkpoint, whose metadata file is a
+pickle: resume sharded runs only from folders you trust.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
@@ -42,18 +49,14 @@ from torch import Tensor
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAIN_STATE_FILE = "train_state.pt"
-METRICS_FILE = "metrics.json"
+SHARDS_DIR = "train_state"
+CHECKSUMS_FILE = "checksums.json"
+METRICS_FILE = "metrics.json"  # rewritten when `best` learns a metric, so it has no checksum
 LATEST_FILE = "latest"
 BEST_FILE = "best"
 TMP_PREFIX = ".tmp-"
 
 _STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
-# Wrapper modules that insert a path component into state_dict keys. "_orig_mod" (torch.compile) and
-# "_checkpoint_wrapped_module" (activation checkpointing) are torch-internal names, so they are removed
-# wherever they appear (torchtitan-style per-block compile puts them mid-key). "module" (DDP) is also a
-# legal user attribute name, so it is removed only from the front of a key.
-_INTERNAL_WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module")
-_LEADING_WRAPPER_PARTS = ("module",) + _INTERNAL_WRAPPER_PARTS
 
 # Plain types that torch.load(weights_only=True) accepts. Exact types on purpose: numpy scalars
 # subclass float and would pass isinstance, yet pickle as numpy objects that weights_only refuses.
@@ -63,13 +66,6 @@ _PLAIN_TYPES = (int, float, bool, str, bytes, type(None), torch.dtype, torch.dev
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, found or read. The message names the folder or file and says
     what to do next."""
-
-
-def _resume_hint() -> str:
-    return (
-        "Resume from an earlier checkpoint with run.resume=<path of an earlier step_* folder>, "
-        "or start fresh with run.resume=never."
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,11 +101,11 @@ def _read_pointer(root: Path, pointer: str) -> Optional[str]:
     try:
         name = path.read_text(encoding="utf-8").strip()
     except OSError as err:
-        raise CheckpointError(f"Cannot read {path}: {err}. {_resume_hint()}") from err
+        raise CheckpointError(f"Cannot read {path}: {err}.") from err
     if not name or "/" in name or "\\" in name or name in (".", ".."):
         raise CheckpointError(
             f"{path} should hold the name of a checkpoint folder such as 'step_00001000', but holds "
-            f"{name!r}. Fix or delete that file. {_resume_hint()}"
+            f"{name!r}. Fix or delete that file."
         )
     return name
 
@@ -208,6 +204,126 @@ def _check_weights_only(value: Any, where: str) -> None:
     )
 
 
+def tmp_dir(root: Path, step: int) -> Path:
+    # No pid in the name: under FSDP every rank writes its shards into the same temporary folder.
+    return root / f"{TMP_PREFIX}{step_dir_name(step)}"
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < 2**20
+    except OSError:
+        return False
+
+
+def write_error(err: BaseException, root: Path, name: str) -> BaseException:
+    """A write failure in words a user can act on; other errors are passed through unchanged."""
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or _nearly_full(root)
+    if full:  # torch.save reports a full disk as "unexpected pos ..." from its zip writer
+        kept = latest_checkpoint(root)
+        return CheckpointError(
+            f"no space left on the device of {root} while writing checkpoint {name}; nothing of it was kept, "
+            f"and the last checkpoint ({kept or 'none yet'}) is intact. Free some space (train.keep_last "
+            "prunes old checkpoints) or point run.out_dir at a larger disk, then rerun to resume."
+        )
+    if isinstance(err, PermissionError) or (isinstance(err, OSError) and err.errno == errno.EROFS):
+        return CheckpointError(f"cannot write checkpoint {name} into {root}: {err.strerror}")
+    return err
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """Make the empty temporary folder that the files of checkpoint `step` are written into."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(root)
+        tmp = tmp_dir(root, step)
+        tmp.mkdir()
+    except OSError as err:
+        raise write_error(err, root, step_dir_name(step)) from err
+    return tmp
+
+
+def write_checkpoint_files(
+    tmp: Path,
+    weights: dict[str, Tensor],
+    model_config: dict,
+    train_state: dict,
+    metrics: Optional[dict[str, float]] = None,
+) -> None:
+    """Write the single-writer files of a checkpoint into `tmp` (rank 0's part).
+
+    `weights`: flat state dict of all networks, keys already prefixed ("G.", "D.", "G_ema."), full tensors.
+    `model_config`: JSON-serialisable dict, enough to rebuild the networks (config.json).
+    `train_state`: everything else needed to continue bit-for-bit. It is read back with
+    torch.load(weights_only=True), so it may hold only tensors, int, float, bool, str, bytes, None,
+    torch.dtype / torch.device / torch.Size, and lists, tuples and dicts (str or int keys) of these.
+    Anything else (numpy arrays or scalars, custom objects) raises TypeError here, naming the entry.
+    `metrics`: optional {name: value}, written to metrics.json (update_best reads it).
+    """
+    _check_weights_only(train_state, "train_state")
+    try:
+        config_text = json.dumps(model_config, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"model_config is not JSON-serialisable: {err}") from err
+    tensors = _own_storage(weights)
+    # One metadata key only: safetensors writes metadata from a hash map in no fixed order, so a second key
+    # would make two saves of the same weights differ byte for byte. The step is in the folder name.
+    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    _fsync_path(tmp / MODEL_FILE)
+    _write_file(tmp / CONFIG_FILE, lambda f: f.write(config_text + "\n"), mode="w")
+    _write_file(tmp / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))
+    if metrics is not None:
+        text = json.dumps({k: float(v) for k, v in metrics.items()}, indent=2, sort_keys=True)
+        _write_file(tmp / METRICS_FILE, lambda f: f.write(text + "\n"), mode="w")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _checksummed_files(folder: Path) -> list[Path]:
+    files = [p for p in folder.rglob("*") if p.is_file() and p.name not in (CHECKSUMS_FILE, METRICS_FILE)]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def commit_checkpoint(root: Path, step: int) -> Path:
+    """Checksum every file of the temporary folder, make it durable, rename it to `step_*`, move `latest`."""
+    root = Path(root)
+    tmp, name = tmp_dir(root, step), step_dir_name(step)
+    final = root / name
+    try:
+        sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in _checksummed_files(tmp)}
+        _write_file(tmp / CHECKSUMS_FILE, lambda f: f.write(json.dumps(sums, indent=2, sort_keys=True) + "\n"),
+                    mode="w")
+        for sub in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+            _fsync_path(sub)
+        if final.exists():
+            # A run restarted from an earlier checkpoint reached this step again. os.replace cannot overwrite
+            # a non-empty folder: move the old one aside first. Between the two renames the step folder is
+            # briefly absent; a crash then leaves `latest` naming a missing folder, which is reported clearly.
+            old = root / f"{TMP_PREFIX}old-{name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_path(root)
+        _replace_text_atomic(root / LATEST_FILE, name + "\n")
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception):
+            raise write_error(err, root, name) from err
+        raise
+    return final
+
+
+def abort_checkpoint(root: Path, step: int) -> None:
+    """Remove the temporary folder of a checkpoint that failed part-way."""
+    shutil.rmtree(tmp_dir(Path(root), step), ignore_errors=True)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -216,64 +332,20 @@ def save_checkpoint(
     train_state: dict,
     metrics: Optional[dict[str, float]] = None,
 ) -> Path:
-    """Write `root/step_XXXXXXXX/` atomically, point `root/latest` at it and return its path.
+    """Write `root/step_XXXXXXXX/` atomically as the only writer, point `root/latest` at it, return it.
 
-    `weights`: flat state dict of all networks, keys already prefixed ("G.", "D.", "G_ema.").
-    `model_config`: JSON-serialisable dict, enough to rebuild the networks (config.json).
-    `train_state`: everything else needed to continue bit-for-bit: optimizer / GradScaler / schedule
-    state_dicts, sampler position, RNG states (engine.rng.capture_rng_state), step. It is read back with
-    torch.load(weights_only=True), so it may hold only tensors, int, float, bool, str, bytes, None,
-    torch.dtype / torch.device / torch.Size, and lists, tuples and dicts (str or int keys) of these.
-    Anything else (numpy arrays or scalars, custom objects) raises TypeError here, naming the entry.
-    `metrics`: optional {name: value}, written to metrics.json (update_best reads it).
-
-    If a folder for this step exists already (training restarted from an earlier checkpoint and
-    reached this step again) it is replaced; between the two renames that do so, the step folder is
-    briefly absent, so a crash in that instant leaves `latest` naming a missing folder, which
-    resolve_resume reports clearly.
+    See write_checkpoint_files for what may go in. Refused input raises before anything is written.
     """
-    root = Path(root)
-    name = step_dir_name(step)
     _check_weights_only(train_state, "train_state")
+    tmp = begin_checkpoint(root, step)
     try:
-        config_text = json.dumps(model_config, indent=2, sort_keys=True)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"model_config for {name} is not JSON-serialisable: {err}") from err
-    metrics_text = None
-    if metrics is not None:
-        metrics_text = json.dumps({k: float(v) for k, v in metrics.items()}, indent=2, sort_keys=True)
-    tensors = _own_storage(weights)
-
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(root)
-    tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        # One metadata key only: safetensors writes metadata from a hash map in no fixed order, so a second
-        # key would make two saves of the same weights differ byte for byte. The step is in the folder name.
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        _fsync_path(tmp / MODEL_FILE)
-        _write_file(tmp / CONFIG_FILE, lambda f: f.write(config_text + "\n"), mode="w")
-        _write_file(tmp / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))
-        if metrics_text is not None:
-            _write_file(tmp / METRICS_FILE, lambda f: f.write(metrics_text + "\n"), mode="w")
-        _fsync_path(tmp)
-
-        final = root / name
-        if final.exists():
-            # os.replace cannot overwrite a non-empty folder: move the old one aside first.
-            old = root / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_checkpoint_files(tmp, weights, model_config, train_state, metrics)
+    except BaseException as err:
+        abort_checkpoint(root, step)
+        if isinstance(err, Exception):
+            raise write_error(err, Path(root), step_dir_name(step)) from err
         raise
-    _replace_text_atomic(root / LATEST_FILE, name + "\n")
-    return final
+    return commit_checkpoint(root, step)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -378,7 +450,7 @@ def _pointed_checkpoint(root: Path, pointer: str) -> Optional[Path]:
     if not path.is_dir():
         raise CheckpointError(
             f"{root / pointer} names checkpoint folder {path}, which does not exist (deleted, or "
-            f"the run was interrupted while replacing it). {_resume_hint()}"
+            "the run was interrupted while replacing it)."
         )
     return path
 
@@ -414,8 +486,8 @@ def _checkpoint_in(path: Path, asked: str, pointer: str = LATEST_FILE, advice: s
     found = latest_checkpoint(root) if pointer == LATEST_FILE else _pointed_checkpoint(root, pointer)
     if found is None:
         raise CheckpointError(
-            f"{asked}: no checkpoint found in {root}. Give a step_* folder, or start fresh with "
-            "run.resume=never."
+            f"{asked}: no checkpoint found in {root}; give a run folder that has checkpoints, or a step_* "
+            "folder."
         )
     return found
 
@@ -442,24 +514,65 @@ def resolve_resume(out_dir: Path, resume: str) -> Optional[Path]:
 
 def _corrupt(path: Path, err: BaseException) -> CheckpointError:
     return CheckpointError(
-        f"Checkpoint file {path} is incomplete or corrupt ({type(err).__name__}: {err}). "
-        f"{_resume_hint()}"
+        f"Checkpoint file {path} is incomplete or corrupt ({type(err).__name__}: {err})."
     )
 
 
 def _require_file(path: Path) -> Path:
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint file {path} is missing. {_resume_hint()}")
+        raise CheckpointError(f"Checkpoint file {path} is missing.")
     return path
 
 
 def _require_dir(path: Path) -> Path:
     if not path.is_dir():
-        raise CheckpointError(f"Checkpoint folder {path} does not exist. {_resume_hint()}")
+        raise CheckpointError(f"Checkpoint folder {path} does not exist.")
     return path
 
 
-def _load_safetensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+def _damaged_files(ckpt: Path, only: Optional[tuple[str, ...]] = None) -> list[tuple[str, str]]:
+    """(file, what is wrong) for the files of `ckpt` that differ from checksums.json (all, or those in `only`)."""
+    listing = ckpt / CHECKSUMS_FILE
+    try:
+        sums = json.loads(listing.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        sums = None
+    if not isinstance(sums, dict):
+        return [(CHECKSUMS_FILE, "is missing or unreadable (the checkpoint was not completely written)")]
+    damaged = []
+    for rel, digest in sorted(sums.items()):
+        if only is not None and rel not in only:
+            continue
+        path = ckpt / rel
+        if not path.is_file():
+            damaged.append((rel, "is missing"))
+        elif _sha256(path) != digest:
+            damaged.append((rel, "is corrupt: its bytes differ from the checksum recorded when it was written "
+                                 "(truncated, damaged on disk, or edited)"))
+    return damaged
+
+
+def newest_intact_checkpoint(root: Path, skip: Path) -> Optional[Path]:
+    """The newest step folder under `root` other than `skip` whose files all match their checksums."""
+    for ckpt in reversed(_step_dirs(Path(root))):
+        if ckpt.name != Path(skip).name and not _damaged_files(ckpt):
+            return ckpt
+    return None
+
+
+def verify_checkpoint(ckpt: Path, only: Optional[tuple[str, ...]] = None) -> None:
+    """Raise CheckpointError naming the first damaged file and the newest intact checkpoint, if any."""
+    ckpt = _require_dir(Path(ckpt))
+    damaged = _damaged_files(ckpt, only)
+    if not damaged:
+        return
+    rel, what = damaged[0]
+    intact = newest_intact_checkpoint(ckpt.parent, skip=ckpt)
+    advice = f"The newest intact checkpoint is {intact}." if intact else "No intact checkpoint is left beside it."
+    raise CheckpointError(f"Checkpoint file {ckpt / rel} {what}. {advice}")
+
+
+def load_safetensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
     try:
         return load_file(str(_require_file(path)), device=device)
     except CheckpointError:
@@ -480,54 +593,39 @@ def _load_json(path: Path) -> dict:
     return value
 
 
-def load_checkpoint(
-    path: Path, map_location: Union[str, torch.device] = "cpu"
-) -> tuple[dict[str, Tensor], dict, dict]:
-    """Read a step folder: (weights, model_config, train_state). Any missing, truncated or corrupt file
-    raises CheckpointError naming that file."""
-    path = _require_dir(Path(path))
-    weights = _load_safetensors(path / MODEL_FILE, device=str(torch.device(map_location)))
-    model_config = _load_json(path / CONFIG_FILE)
-    state_path = _require_file(path / TRAIN_STATE_FILE)
+def load_train_state(path: Path, map_location: Union[str, torch.device] = "cpu") -> dict:
+    """train_state.pt of a step folder, read with weights_only=True."""
+    state_path = _require_file(Path(path) / TRAIN_STATE_FILE)
     try:
         train_state = torch.load(state_path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, bad pickle, or objects weights_only refuses
         raise _corrupt(state_path, err) from err
     if not isinstance(train_state, dict):
         raise _corrupt(state_path, ValueError(f"expected a dict, found {type(train_state).__name__}"))
-    return weights, model_config, train_state
+    return train_state
 
 
-def load_weights(path: Path) -> dict[str, Tensor]:
-    """Only the weights (model.safetensors) of a checkpoint, on CPU: for sampling and for users.
-    `path` may be the .safetensors file, a step folder, a checkpoints folder or a run folder."""
-    path = Path(path)
-    if path.is_file():
-        return _load_safetensors(path)
-    return _load_safetensors(_checkpoint_in(path, "load_weights") / MODEL_FILE)
+def load_checkpoint(
+    path: Path, map_location: Union[str, torch.device] = "cpu"
+) -> tuple[dict[str, Tensor], dict, dict]:
+    """Verify and read a step folder: (weights, model_config, train_state). Any missing, truncated, corrupt
+    or altered file raises CheckpointError naming that file."""
+    path = _require_dir(Path(path))
+    verify_checkpoint(path)
+    weights = load_safetensors(path / MODEL_FILE, device=str(torch.device(map_location)))
+    return weights, _load_json(path / CONFIG_FILE), load_train_state(path, map_location)
 
 
-def load_model_config(path: Path) -> dict:
-    """config.json of a checkpoint (step, checkpoints or run folder): enough to rebuild the model."""
-    return _load_json(_checkpoint_in(Path(path), "load_model_config") / CONFIG_FILE)
+def load_weights(path: Path, which: str = LATEST_FILE) -> dict[str, Tensor]:
+    """Only the weights (model.safetensors) of a checkpoint, verified, on CPU: for sampling and for users.
+    `path` may be a step folder, a checkpoints folder or a run folder (`which` picks latest or best)."""
+    ckpt = find_checkpoint(Path(path), which)
+    verify_checkpoint(ckpt, only=(MODEL_FILE,))
+    return load_safetensors(ckpt / MODEL_FILE)
 
 
-def strip_wrapper_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Remove key components added by wrappers: "module." (DDP, leading only), "_orig_mod."
-    (torch.compile) and "_checkpoint_wrapped_module." (activation checkpointing), so keys match the
-    bare nn.Module. Call it on a network's own state_dict, before adding "G." style prefixes."""
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        while len(parts) > 1 and parts[0] in _LEADING_WRAPPER_PARTS:
-            parts = parts[1:]
-        last = len(parts) - 1  # the final component is a parameter name, never a wrapper
-        parts = [p for i, p in enumerate(parts) if i == last or p not in _INTERNAL_WRAPPER_PARTS]
-        clean = ".".join(parts)
-        if clean in out:
-            raise ValueError(
-                f"state_dict keys collide after removing wrapper prefixes: {key!r} -> {clean!r}; "
-                "the dict mixes wrapped and unwrapped copies of the same model"
-            )
-        out[clean] = value
-    return out
+def load_model_config(path: Path, which: str = LATEST_FILE) -> dict:
+    """config.json of a checkpoint (step, checkpoints or run folder), verified: enough to rebuild the model."""
+    ckpt = find_checkpoint(Path(path), which)
+    verify_checkpoint(ckpt, only=(CONFIG_FILE,))
+    return _load_json(ckpt / CONFIG_FILE)

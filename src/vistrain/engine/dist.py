@@ -15,6 +15,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from vistrain.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -38,24 +40,33 @@ def launched_by_torchrun() -> bool:
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device {preference!r}: expected auto, cpu or cuda")
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
+        raise ConfigError("device cuda was asked for, but no CUDA device is visible; use cpu or auto")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> DistContext:
-    """Join the torchrun process group if there is one; otherwise a single-process context."""
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+def init_distributed(device_preference: str = "auto", timeout_s: int = 600, always: bool = False) -> DistContext:
+    """Join the torchrun process group if there is one; otherwise a single-process context.
+
+    `always`: make a process group of one when not launched by torchrun (FSDP needs a group even on one
+    rank, and then saves the same sharded checkpoints as on many).
+    """
+    launched = launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
+    if not launched and not always:
         return DistContext(rank=0, world_size=1, local_rank=0, device=pick_device(device_preference, 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
     device = pick_device(device_preference, local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        kwargs = {"device_id": device} if backend == "nccl" else {}
+        kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
+        if not launched:  # one process, no torchrun rendezvous: an in-memory store
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     # Python objects (metrics dicts, RNG states) are gathered over gloo so they never take GPU memory.
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
@@ -63,7 +74,11 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600) -> D
 
 
 def shutdown(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
+    if dist.is_initialized():
+        # Every rank reaches the end before any tears the group down: without this, a rank that finishes
+        # first can destroy gloo's connections while a peer still uses them, and the peer aborts.
+        if ctx.distributed:
+            dist.barrier(group=ctx.cpu_group)
         dist.destroy_process_group()
 
 
@@ -91,6 +106,13 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
     return bool(t.item())
+
+
+def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """`values` summed over ranks, in place on the device (no host sync); unchanged on one rank."""
+    if ctx.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def barrier(ctx: DistContext) -> None:

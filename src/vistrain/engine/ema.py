@@ -72,7 +72,9 @@ def update_ema(ema_model: nn.Module, model: nn.Module, beta: float) -> None:
     ema_params, params = list(ema_model.named_parameters()), list(model.named_parameters())
     _matched("parameters", ema_params, params)
     ema_ts = [e for _, e in ema_params]
-    src_ts = [p.detach().to(device=e.device, dtype=e.dtype) for e, (_, p) in zip(ema_ts, params)]
+    # Under FSDP the model's parameters are shards (DTensors): the EMA copy is whole, so gather them (every
+    # rank must call this then, as it is a collective).
+    src_ts = [_full(p).detach().to(device=e.device, dtype=e.dtype) for e, (_, p) in zip(ema_ts, params)]
     if ema_ts:
         # lerp(ema, p, w) = ema + w * (p - ema) = beta * ema + (1 - beta) * p with w = 1 - beta
         torch._foreach_lerp_(ema_ts, src_ts, 1.0 - beta)
@@ -80,4 +82,8 @@ def update_ema(ema_model: nn.Module, model: nn.Module, beta: float) -> None:
     ema_bufs, bufs = list(ema_model.named_buffers()), list(model.named_buffers())
     _matched("buffers", ema_bufs, bufs)
     for (_, e), (_, b) in zip(ema_bufs, bufs):
-        e.copy_(b)
+        e.copy_(_full(b))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["make_grid", "save_png", "to_uint8_hwc"]
+__all__ = ["NpzImageWriter", "make_grid", "save_png", "to_uint8_hwc"]
 
 
 def to_uint8_hwc(images_BCHW: Tensor) -> np.ndarray:
@@ -76,3 +76,50 @@ def save_png(path: Path, array_HWC: np.ndarray) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class NpzImageWriter:
+    """Writes `arr_0` (N x H x W x 3 uint8, the format FID suites read) into an .npz as chunks arrive.
+
+    Memory stays bounded by one chunk whatever N is: the .npy inside the zip is streamed (stored, not
+    compressed), its header written first from the known N. The file appears under its name only when all
+    N images are in (written under a temporary name, then renamed).
+    """
+
+    def __init__(self, path: Path, num: int) -> None:
+        import zipfile
+
+        self.path, self.num, self.written = Path(path), num, 0
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._member = None
+
+    def write(self, images_BCHW: Tensor) -> None:
+        chunk_BHWC = to_uint8_hwc(images_BCHW)
+        if self._member is None:
+            _, H, W, C = chunk_BHWC.shape
+            self._member = self._zip.open("arr_0.npy", mode="w", force_zip64=True)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (self.num, H, W, C)}
+            np.lib.format.write_array_header_1_0(self._member, header)
+        if self.written + len(chunk_BHWC) > self.num:
+            raise ValueError(f"more than the {self.num} images announced for {self.path}")
+        self._member.write(chunk_BHWC.tobytes())
+        self.written += len(chunk_BHWC)
+
+    def close(self) -> None:
+        """Finish the file; it is renamed into place only if all `num` images were written."""
+        try:
+            if self._member is not None:
+                self._member.close()
+            self._zip.close()
+            if self.written == self.num:
+                os.replace(self._tmp, self.path)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> NpzImageWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

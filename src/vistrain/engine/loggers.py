@@ -32,7 +32,7 @@ __all__ = [
     "format_number",
 ]
 
-VALID_LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb")  # the names run.loggers accepts
 
 
 class Logger:
@@ -284,9 +284,9 @@ def build_loggers(
     run_name: str | None = None,
 ) -> LoggerGroup:
     """Build the sinks named in `run.loggers` (call with names on rank 0 only, [] elsewhere)."""
-    unknown = [n for n in names if n not in VALID_LOGGERS]
+    unknown = [n for n in names if n not in LOGGERS]
     if unknown:
-        raise ValueError(f"unknown logger(s) {unknown} in run.loggers; valid names: {', '.join(VALID_LOGGERS)}")
+        raise ValueError(f"unknown logger(s) {unknown} in run.loggers; valid names: {', '.join(LOGGERS)}")
     out_dir = Path(out_dir)
     group = LoggerGroup()
     try:

@@ -10,117 +10,107 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ETA", "MetricAccumulator", "Smoothed", "format_duration", "peak_memory_mb"]
+__all__ = ["ETA", "MetricAccumulator", "device_peak_tflops", "format_duration", "peak_memory_mb"]
 
 
 class MetricAccumulator:
     """Per-step values stay on device as detached tensors; nothing is synced to the host until reduce().
 
-    `reduce()` returns the mean of every metric since the previous `reduce()`. Under torch.distributed it is
-    a collective: every rank must call it, having added the same metric names (the order of `add` calls
-    does not matter, names are sorted), or the ranks would sum mismatched values or hang.
+    Two kinds of metric:
+    - `add(name, value, weight=1)`: logged as sum(value) / sum(weight) over all steps and ranks since the
+      last reduce. With weight 1 that is the plain mean; a loss reported as a sum over a micro-batch's
+      tokens with weight = their count gives the token-weighted mean of the whole window.
+    - `add_total(name, value)`: logged as the plain sum over steps and ranks (throughput counts).
+
+    `reduce()` is one collective under torch.distributed: every rank must call it, having added the same
+    metric names (the order of the calls does not matter, names are sorted), or the ranks would sum
+    mismatched values or hang.
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         # Where the reduction happens when only Python floats were added (NCCL cannot reduce CPU tensors).
         self.device = torch.device(device) if device is not None else None
         self._sums: dict[str, Tensor | float] = {}
-        self._counts: dict[str, int] = {}
+        self._weights: dict[str, Tensor | float] = {}
+        self._totals: dict[str, Tensor | float] = {}
 
-    def add(self, name: str, value: Tensor | float) -> None:
-        """Add one step's value of `name`; a tensor must hold a single element and stays where it is."""
+    @staticmethod
+    def _scalar(name: str, value: Tensor | float) -> Tensor | float:
         if isinstance(value, Tensor):
             if value.numel() != 1:
                 raise ValueError(
                     f"metric {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}; "
-                    "reduce it (e.g. .mean()) before adding it"
+                    "reduce it (e.g. .sum()) before adding it"
                 )
-            # copy=True: the first value becomes the running sum and is updated in place below, so it must
-            # not share storage with the caller's tensor.
-            value = value.detach().reshape(()).to(torch.float32, copy=True)
-        else:
-            value = float(value)
-        total = self._sums.get(name)
+            # copy=True: a first value becomes a running sum updated in place, so it must not share storage
+            # with the caller's tensor.
+            return value.detach().reshape(()).to(torch.float32, copy=True)
+        return float(value)
+
+    @classmethod
+    def _accumulate(cls, into: dict[str, Tensor | float], name: str, value: Tensor | float) -> None:
+        value = cls._scalar(name, value)
+        total = into.get(name)
         if total is None:
-            self._sums[name] = value
+            into[name] = value
         elif isinstance(total, Tensor):
-            total.add_(value if not isinstance(value, Tensor) else value.to(total.device))
+            total.add_(value.to(total.device) if isinstance(value, Tensor) else value)
         elif isinstance(value, Tensor):
-            self._sums[name] = value.add_(total)
+            into[name] = value.add_(total)
         else:
-            self._sums[name] = total + value
-        self._counts[name] = self._counts.get(name, 0) + 1
+            into[name] = total + value
+
+    def add(self, name: str, value: Tensor | float, weight: Tensor | float = 1.0) -> None:
+        """Add `value` (a sum over `weight` units, or one step's value with weight 1); stays on its device."""
+        self._accumulate(self._sums, name, value)
+        self._accumulate(self._weights, name, weight)
+
+    def add_total(self, name: str, value: Tensor | float) -> None:
+        self._accumulate(self._totals, name, value)
 
     def reduce(self, process_group: dist.ProcessGroup | None = None) -> dict[str, float]:
-        """Mean of each metric since the last reduce (averaged over ranks when distributed), then clear."""
-        names = sorted(self._sums)
+        """Weighted means and totals since the last reduce (over all ranks when distributed), then clear."""
+        names, totals = sorted(self._sums), sorted(self._totals)
         distributed = dist.is_available() and dist.is_initialized()
-        if not names and not distributed:
+        if not names and not totals and not distributed:
             return {}
         device = self._reduction_device(process_group if distributed else None, distributed)
-        sums = [torch.as_tensor(self._sums[n], dtype=torch.float32, device=device) for n in names]
-        counts = torch.tensor([float(self._counts[n]) for n in names], dtype=torch.float32, device=device)
-        # One tensor of [sum_1 .. sum_n, count_1 .. count_n]: a single collective, and summing counts makes
-        # the result the true mean over all steps of all ranks even if ranks added different numbers of steps.
-        packed = torch.cat([torch.stack(sums), counts]) if names else counts
+
+        def stacked(values: list) -> Tensor:
+            if not values:
+                return torch.zeros(0, device=device)
+            return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values])
+
+        # One tensor [sums, weights, totals]: a single collective for everything.
+        packed = torch.cat([stacked([self._sums[n] for n in names]), stacked([self._weights[n] for n in names]),
+                            stacked([self._totals[n] for n in totals])])
         if distributed:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
         n = len(names)
-        means = (packed[:n] / packed[n:]).tolist()  # the one host sync
+        means = (packed[:n] / packed[n:2 * n]).tolist()  # the one host sync
+        result = dict(zip(names, means))
+        result.update(zip(totals, packed[2 * n:].tolist()))
         self._sums.clear()
-        self._counts.clear()
-        return dict(zip(names, means))
+        self._weights.clear()
+        self._totals.clear()
+        return result
 
     def _reduction_device(self, group: dist.ProcessGroup | None, distributed: bool) -> torch.device:
-        for total in self._sums.values():
-            if isinstance(total, Tensor):
-                return total.device
+        for values in (self._sums, self._weights, self._totals):
+            for value in values.values():
+                if isinstance(value, Tensor):
+                    return value.device
         if self.device is not None:
             return self.device
         if distributed and "nccl" in str(dist.get_backend(group)).lower():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-
-
-class Smoothed:
-    """Windowed median / mean of recent host values, for the console (a spiky loss reads better smoothed)."""
-
-    def __init__(self, window: int = 20) -> None:
-        if window < 1:
-            raise ValueError(f"Smoothed window must be >= 1, got {window}")
-        self._recent: deque[float] = deque(maxlen=window)
-        self._total = 0.0
-        self._count = 0
-
-    def update(self, v: float) -> None:
-        v = float(v)
-        self._recent.append(v)
-        self._total += v
-        self._count += 1
-
-    @property
-    def median(self) -> float:
-        """Median of the window (NaN before the first update)."""
-        if not self._recent:
-            return math.nan
-        ordered = sorted(self._recent)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-
-    @property
-    def avg(self) -> float:
-        """Mean of the window (NaN before the first update)."""
-        return sum(self._recent) / len(self._recent) if self._recent else math.nan
-
-    @property
-    def global_avg(self) -> float:
-        """Mean of every value ever added (NaN before the first update)."""
-        return self._total / self._count if self._count else math.nan
 
 
 def format_duration(seconds: float | None) -> str:
@@ -186,3 +176,23 @@ def peak_memory_mb(device: torch.device | str) -> float | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def device_peak_tflops(device: torch.device | str, precision: str) -> Optional[float]:
+    """Dense bf16/fp16 tensor-core peak of common GPUs, for `mfu`; None where unknown (CPUs, fp32)."""
+    device = torch.device(device)
+    if device.type != "cuda" or precision == "fp32" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in _PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops
+    return None
+
+
+# Vendor data sheets, dense (no sparsity). Checked in order: the first substring of the device name wins.
+_PEAK_BF16_TFLOPS = (
+    ("GB200", 2500.0), ("B200", 2250.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0),
+    ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 125.0),
+    ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0),
+)

@@ -20,7 +20,7 @@ from torch import nn
 
 from vistrain.engine.schedule import ScheduleConfig, lr_factor, validate as validate_schedule, weight_decay_at
 
-__all__ = ["OptimConfig", "apply_schedule", "build_optimizer", "build_param_groups", "validate"]
+__all__ = ["OptimConfig", "apply_schedule", "build_optimizer", "build_param_groups", "freeze_zero_lr", "validate"]
 
 # Devices where fused Adam(W) is switched on without being asked (cfg.fused None). CPU has a fused kernel in
 # recent torch too, but it is not reliably faster there, so it stays opt-in.
@@ -101,6 +101,17 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
         if isinstance(module, _NO_DECAY_MODULES):
             ids.update(id(p) for p in module.parameters(recurse=False))
     return ids
+
+
+def freeze_zero_lr(model: nn.Module, cfg: OptimConfig) -> None:
+    """Freeze (requires_grad False) the parameters whose lr multiplier is 0.
+
+    Call it before wrapping the model in DDP / FSDP: they decide at wrap time which parameters get gradients.
+    """
+    _check_prefixes(model, cfg.lr_mult)
+    for name, p in model.named_parameters():
+        if _lr_mult_of(name, cfg.lr_mult) == 0.0:
+            p.requires_grad_(False)
 
 
 def build_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -1,39 +1,43 @@
 """The one training loop under every task.
 
-Per iteration the trainer fetches one loader batch, then runs the task's phases in order; each phase is
-one optimizer step: micro-batches with DDP sync only on the last, autocast, loss scaling, clipping, the step
-(or a skip when gradients are not finite). Around that: schedules, metrics, evaluation, atomic checkpoints,
-exact resume and preemption.
+Per step the trainer runs the task's phases in order. Each phase step draws its micro-batches with `next()`,
+runs forward and backward on each (gradient sync only on the last), divides the gradients by the count of
+units summed over micro-batches and ranks, clips, and steps the optimizer -- or skips the step when the
+loss or gradients are not finite, a decision every rank shares. Around that: schedules, metrics,
+evaluation, checkpoints (one Checkpointer), exact resume and preemption.
 
-Bit-exact resume rests on three things: the sampler is a pure function of the number of batches consumed,
-every sample's augmentation is seeded by its key rather than by a worker's RNG, and every rank's global RNG
-state is saved with the checkpoint and restored before the next step.
+Bit-exact resume rests on three things: the data streams are pure functions of (seed, position) and their
+positions are saved, every sample's augmentation is seeded by its key rather than by a worker's RNG, and
+every rank's global RNG state is saved with the checkpoint and restored before the next step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from omegaconf import OmegaConf
+from torch import Tensor
 
-from vistrain import config as config_lib
-from vistrain.data.loader import build_train_loader, check_enough_data
 from vistrain.engine import checkpoint as ckpt_lib
-from vistrain.engine.dist import DistContext, any_rank, barrier, broadcast_object, gather_objects
+from vistrain.engine import config as engine_config
+from vistrain.engine.checkpointer import Checkpointer
+from vistrain.engine.dist import DistContext, all_reduce_sum, any_rank, broadcast_object, gather_objects
 from vistrain.engine.images import save_png
-from vistrain.engine.loggers import build_loggers
-from vistrain.engine.metrics import MetricAccumulator, peak_memory_mb
-from vistrain.engine.optim import apply_schedule
+from vistrain.engine.loggers import LoggerGroup, build_loggers
+from vistrain.engine.metrics import MetricAccumulator, device_peak_tflops, peak_memory_mb
+from vistrain.engine.optim import apply_schedule, build_optimizer, freeze_zero_lr
+from vistrain.engine.parallel import Parallel
 from vistrain.engine.precision import Precision
 from vistrain.engine.rng import capture_rng_state, restore_rng_state, seed_everything
-from vistrain.tasks.base import Phase, TaskEnv
+from vistrain.engine.rundir import RunDir, holds_a_run
+from vistrain.engine.task import Phase, Task, TaskEnv, to_device
+from vistrain.errors import ConfigError
 
 # Exit status after a preemption checkpoint: EX_TEMPFAIL, which schedulers can be told to requeue on.
 EXIT_REQUEUE = 75
@@ -51,104 +55,148 @@ class Preempted(Exception):
         self.checkpoint = checkpoint
 
 
+class AlreadyDone(Exception):
+    """The run folder's checkpoint is at or past train.max_steps: there is nothing to train."""
+
+
 class Trainer:
-    def __init__(self, cfg, dist_ctx: DistContext):
+    def __init__(self, cfg: Any, build_task: Callable[[TaskEnv], Task], dist_ctx: DistContext):
+        """`cfg` has the engine's `run` and `train` sections (and the task's own, which only the task reads)."""
+        engine_config.validate(cfg.run, cfg.train)
         self.cfg = cfg
         self.dist = dist_ctx
         self.device = dist_ctx.device
         self.out_dir = Path(cfg.run.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        self.accum = config_lib.gradient_accumulation(
+        self.accum = engine_config.gradient_accumulation(
             cfg.train.batch_size, cfg.train.micro_batch_size, dist_ctx.world_size
         )
-        self.batch_per_rank = cfg.train.batch_size // dist_ctx.world_size
+        self.micro_batch_size = cfg.train.batch_size // (dist_ctx.world_size * self.accum)
         self.precision = Precision(cfg.train.precision, self.device)
+        self.run_dir = RunDir(self.out_dir)
+        if dist_ctx.is_main:
+            self.run_dir.acquire()
+        try:
+            self._start(build_task)
+        except BaseException:
+            self.run_dir.release(failed=True)  # a start that fails leaves the folder as it was
+            raise
 
-        # Resume first: a resumed run takes its seed from the checkpoint, so data order and RNG match.
+    # ----------------------------------------------------------------------------------------- set-up
+
+    def _start(self, build_task: Callable[[TaskEnv], Task]) -> None:
+        cfg = self.cfg
         resume_path = ckpt_lib.resolve_resume(self.out_dir, cfg.run.resume)
-        self.resumed = ckpt_lib.load_checkpoint(resume_path) if resume_path else None
-        self.seed = self._resolve_seed()
+        if str(cfg.run.resume).strip().lower() == "never" and holds_a_run(self.out_dir):
+            raise ConfigError(
+                f"run.resume=never, but run.out_dir={self.out_dir} holds a run (config.yaml, metrics or "
+                "checkpoints), which a new run would overwrite. Continue it with run.resume=auto, start the "
+                "new run in another run.out_dir, or delete that folder yourself."
+            )
+        saved = self._read_resume_state(resume_path) if resume_path else None
+        self.seed = self._resolve_seed(saved, resume_path)
         cfg.run.seed = self.seed
 
         # The same seed on every rank while building, so every rank starts from identical weights.
         seed_everything(self.seed)
-        env = TaskEnv(dist=dist_ctx, max_steps=cfg.train.max_steps, batch_size=cfg.train.batch_size,
+        env = TaskEnv(dist=self.dist, seed=self.seed, max_steps=cfg.train.max_steps,
+                      batch_size=cfg.train.batch_size, micro_batch_size=self.micro_batch_size,
                       out_dir=self.out_dir)
-        self.task = config_lib.task_module(cfg.task).Task(cfg, env)
-        self.loader_batch = cfg.train.batch_size * self.task.batch_multiplier
-        check_enough_data(self.task.train_set, self.loader_batch, f"the {cfg.data.name} training set",
-                          source=f"train.batch_size x {self.task.batch_multiplier} updates per iteration")
-        if self.dist.is_main:  # only now: a run that cannot start must not overwrite an earlier run's config
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+        self.task = task = build_task(env)
+        self._check_task(task)
+        if resume_path is not None:
+            self._check_same_task(resume_path, task)
 
+        for spec in task.optimizers.values():
+            freeze_zero_lr(task.nets[spec.net], spec.config)
+        self.parallel = Parallel(task.nets, task.trainable, cfg.train, self.dist)
+        self.optimizers = {name: build_optimizer(task.nets[spec.net], spec.config)
+                           for name, spec in task.optimizers.items()}
+        self.scalers = {name: self.precision.make_scaler() for name in task.optimizers}
         # Parameters each optimizer owns; only these are ever switched back to requires_grad=True.
-        self._trainable_params = {name: [p for p in self.task.nets[name].parameters() if p.requires_grad]
-                                  for name in self.task.trainable}
-        self._phase_params = {phase.name: [p for net in phase.trains for p in self._trainable_params[net]]
-                              for phase in self.task.phases}
-        self.scalers = {name: self.precision.make_scaler() for name in self.task.optimizers}
+        self._params = {name: [p for g in opt.param_groups for p in g["params"]]
+                        for name, opt in self.optimizers.items()}
+        self._trains = {phase.name: (task.optimizers[phase.optimizer].net,) for phase in task.phases}
+        self.checkpointer = Checkpointer(
+            self.ckpt_root, self.dist, task.nets,
+            saved=tuple(name for name in task.nets if name not in task.external),
+            optimizers={name: (opt, task.optimizers[name].net) for name, opt in self.optimizers.items()},
+            scalers=self.scalers, sharded=self.parallel.fsdp, async_save=cfg.train.async_checkpoint,
+            keep_last=cfg.train.keep_last,
+        )
+
         self.step = 0
         self.nonfinite_streak = 0
-        if self.resumed is not None:
-            self._load_state(*self.resumed, path=resume_path)
-        self.views_train, self.views_frozen = self._wrap_networks()
-        # Dropout, noise and augmentation differ per rank: seed + rank (restored exactly on resume).
-        if self.resumed is None:
-            seed_everything(self.seed + dist_ctx.rank)
-        self.resumed = None  # the loaded tensors are not needed any more
+        if resume_path is not None:
+            self._restore(resume_path)
+        else:  # noise, dropout and augmentation differ per rank: seed + rank (restored exactly on resume)
+            seed_everything(self.seed + self.dist.rank)
 
         self.metrics = MetricAccumulator()
         self._schedule_values: dict[str, float] = {}
-        names = list(cfg.run.loggers) if dist_ctx.is_main else []
-        self.loggers = build_loggers(
-            names, self.out_dir, config_lib.to_dict(cfg), cfg.train.max_steps,
-            wandb_project=cfg.run.wandb_project, wandb_mode=cfg.run.wandb_mode,
-            run_name=cfg.run.name or self.out_dir.name,
-        )
+        self._loggers: Optional[LoggerGroup] = None  # built at the first log event: a failed start writes nothing
+        self._config_written = False
         self._stop_requested = False
         self._last_eval: Optional[tuple[int, dict]] = None
+        self._drawn: dict[str, list[Any]] = {}
+        self._peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.device, cfg.train.precision)
 
-    # ----------------------------------------------------------------------------------------- set-up
+    def _read_resume_state(self, path: Path) -> dict:
+        """Verify the checkpoint (rank 0, every file against its checksum) and read its small train state."""
+        problem = None
+        if self.dist.is_main:
+            try:
+                ckpt_lib.verify_checkpoint(path)
+            except ckpt_lib.CheckpointError as err:
+                problem = str(err)
+        problem = broadcast_object(problem, self.dist)
+        if problem:
+            raise ckpt_lib.CheckpointError(f"{problem} {_RESUME_ADVICE}")
+        try:
+            state = ckpt_lib.load_train_state(path)
+        except ckpt_lib.CheckpointError as err:
+            raise ckpt_lib.CheckpointError(f"{err} {_RESUME_ADVICE}") from None
+        if int(state["step"]) >= self.cfg.train.max_steps:
+            raise AlreadyDone(
+                f"{path} is at step {int(state['step'])}, and train.max_steps={self.cfg.train.max_steps}: the run "
+                "is already there, nothing was changed. Raise train.max_steps to train further."
+            )
+        return state
 
-    def _resolve_seed(self) -> int:
-        if self.resumed is not None and "seed" in self.resumed[2]:
-            return int(self.resumed[2]["seed"])
+    def _resolve_seed(self, saved: Optional[dict], path: Optional[Path]) -> int:
         seed = self.cfg.run.seed
+        if saved is not None:
+            if seed != "random" and int(seed) != int(saved["seed"]):
+                raise ConfigError(
+                    f"run.seed={seed}, but {path} was trained with run.seed={saved['seed']}; a resumed run keeps "
+                    f"its seed (data order and random streams depend on it). Set run.seed={saved['seed']}, or "
+                    "start a new run in another run.out_dir."
+                )
+            return int(saved["seed"])
         if seed == "random":
-            seed = int(torch.randint(0, 10_000, ()).item()) if self.dist.is_main else None
-            seed = broadcast_object(seed, self.dist)
+            drawn = int(torch.randint(0, 10_000, ()).item()) if self.dist.is_main else None
+            return int(broadcast_object(drawn, self.dist))
         return int(seed)
 
-    def _wrap_networks(self):
-        """DDP (and torch.compile) from outside: models stay plain nn.Modules."""
-        train, frozen = {}, {}
-        for name, net in self.task.nets.items():
-            frozen[name] = torch.compile(net) if self.cfg.train.compile else net
-            if name not in self.task.trainable:
-                continue
-            view: nn.Module = net
-            if self.dist.distributed:
-                view = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            train[name] = torch.compile(view) if self.cfg.train.compile else view
-        return train, frozen
+    def _check_task(self, task: Task) -> None:
+        for name, spec in task.optimizers.items():
+            if spec.net not in task.trainable:
+                raise ValueError(f"optimizer {name!r} steps network {spec.net!r}, which is not in task.trainable")
+        for phase in task.phases:
+            if phase.optimizer not in task.optimizers:
+                raise ValueError(f"phase {phase.name!r} names optimizer {phase.optimizer!r}, which the task lacks")
 
-    def _load_state(self, weights, model_config, state, path: Path) -> None:
-        for name, net in self.task.nets.items():
-            prefix = name + "."
-            sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-            try:
-                net.load_state_dict(sub, strict=True)
-            except RuntimeError as e:
-                raise ckpt_lib.CheckpointError(
-                    f"checkpoint {path} does not match network {name!r} of this config "
-                    f"(was the model config changed?): {str(e).splitlines()[0]}"
-                ) from None
-        for name, (opt, _) in self.task.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        for name, scaler in self.scalers.items():
-            if scaler is not None and state["scalers"].get(name):
-                scaler.load_state_dict(state["scalers"][name])
+    def _check_same_task(self, path: Path, task: Task) -> None:
+        saved_task = ckpt_lib.load_model_config(path).get("task")
+        this_task = task.model_config().get("task")
+        if saved_task != this_task:
+            raise ckpt_lib.CheckpointError(
+                f"{path} is a checkpoint of task {saved_task!r}, and this config trains task {this_task!r}. "
+                f"{_RESUME_ADVICE}"
+            )
+
+    def _restore(self, path: Path) -> None:
+        state = self.checkpointer.load(path)
         self.task.load_state_dict(state.get("task", {}))
         self.step = int(state["step"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
@@ -158,105 +206,131 @@ class Trainer:
         else:  # a different world size cannot replay the same streams; stay deterministic at least
             seed_everything(self.seed + self.dist.rank + self.step)
             if self.dist.is_main:
-                print(f"warning: {path} was saved with {len(rng)} ranks, now {self.dist.world_size}: "
-                      "data order is kept, random streams are reseeded", flush=True)
+                print(f"warning: {path} was saved with {len(rng)} ranks, now {self.dist.world_size}: the data "
+                      "order is kept, the random streams are reseeded", flush=True)
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     # ------------------------------------------------------------------------------------------- loop
 
     def fit(self) -> Path:
-        """Train to train.max_steps; returns the final checkpoint. Loggers are closed however it ends."""
+        """Train to train.max_steps; returns the final checkpoint. However it ends, pending saves finish,
+        loggers close and the run folder is unlocked."""
+        failed = True
         try:
-            return self._fit()
+            with self._preemption_signals():
+                try:
+                    final = self._fit()
+                    failed = False
+                    return final
+                finally:
+                    try:
+                        self.checkpointer.wait()
+                    finally:
+                        if self._loggers is not None:
+                            self._loggers.close()
         finally:
-            self.loggers.close()
+            self.run_dir.release(failed=failed and self.checkpointer.last_saved is None)
 
     def _fit(self) -> Path:
         cfg = self.cfg.train
-        loader = build_train_loader(
-            self.task.train_set, self.loader_batch, self.dist.rank, self.dist.world_size,
-            self.seed, start_batch=self.step, num_workers=self.cfg.data.num_workers,
-        )
-        batches = iter(loader)
         profiler = None
-        last_saved: Optional[Path] = None
         window_start, window_steps = time.perf_counter(), 0
-        with self._preemption_signals():
-            while self.step < cfg.max_steps:
-                if cfg.profile and self.step == cfg.profile_start:
-                    profiler = self._start_profiler()
-                t0 = time.perf_counter()
-                batch = next(batches)
-                t_data = time.perf_counter() - t0
-                self._train_iteration(batch)
-                self.step += 1
-                window_steps += 1
-                self.metrics.add("time/data_s", t_data)
-                self.metrics.add("time/step_s", time.perf_counter() - t0)
-                if profiler is not None and self.step == cfg.profile_start + cfg.profile_steps:
-                    self._stop_profiler(profiler)
-                    profiler = None
+        while self.step < cfg.max_steps:
+            if cfg.profile and self.step == cfg.profile_start:
+                profiler = self._start_profiler()
+            t0 = time.perf_counter()
+            data_s = self._train_step()
+            self.step += 1
+            window_steps += 1
+            self.metrics.add("time/data_s", data_s)
+            self.metrics.add("time/step_s", time.perf_counter() - t0)
+            if profiler is not None and self.step == cfg.profile_start + cfg.profile_steps:
+                self._stop_profiler(profiler)
+                profiler = None
 
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    self._log_train(window_steps, elapsed)
-                    window_start, window_steps = time.perf_counter(), 0
-                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                    self._evaluate()
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                    last_saved = self.save_checkpoint()
-                if any_rank(self._stop_requested, self.dist):
-                    if last_saved is None or not last_saved.name.endswith(f"{self.step:08d}"):
-                        last_saved = self.save_checkpoint()
-                    raise Preempted(last_saved)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self._log_train(time.perf_counter() - window_start, window_steps)
+                window_start, window_steps = time.perf_counter(), 0
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                self._evaluate()
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+            if any_rank(self._stop_requested, self.dist):
+                if not self._saved_this_step():
+                    self.save_checkpoint()
+                self.checkpointer.wait()
+                raise Preempted(self.checkpointer.last_saved)
         if profiler is not None:
             self._stop_profiler(profiler)
-        return last_saved if last_saved is not None else self.save_checkpoint()
+        return self.checkpointer.last_saved
 
-    def _train_iteration(self, batch: dict) -> None:
+    def _saved_this_step(self) -> bool:
+        last = self.checkpointer.last_saved
+        return last is not None and last.name == ckpt_lib.step_dir_name(self.step)
+
+    def _train_step(self) -> float:
+        """All phases of one training step; returns the seconds spent waiting for data."""
         step, max_steps = self.step, self.cfg.train.max_steps
-        for name, (opt, opt_cfg) in self.task.optimizers.items():
-            lr, wd = apply_schedule(opt, opt_cfg, step, max_steps)
+        for name, opt in self.optimizers.items():
+            lr, wd = apply_schedule(opt, self.task.optimizers[name].config, step, max_steps)
             self._schedule_values[f"lr/{name}"], self._schedule_values[f"wd/{name}"] = lr, wd
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        data_s = 0.0
         for phase in self.task.phases:
             if step % phase.every:
                 continue
-            for r in range(phase.repeats):
-                rows = slice(r * self.batch_per_rank, (r + 1) * self.batch_per_rank)
-                self._run_phase(phase, {k: v[rows] for k, v in batch.items()})
+            for _ in range(phase.repeats):
+                t0 = time.perf_counter()
+                micro_batches = self._draw(phase)
+                data_s += time.perf_counter() - t0
+                self._optimizer_step(phase, micro_batches)
         self.task.on_step_end(step + 1)
+        return data_s
 
-    def _run_phase(self, phase: Phase, batch: dict) -> None:
-        opt, _ = self.task.optimizers[phase.optimizer]
+    def _draw(self, phase: Phase) -> list[Any]:
+        if phase.same_data_as is not None:
+            if phase.same_data_as not in self._drawn:
+                raise ValueError(f"phase {phase.name!r} reuses the data of phase {phase.same_data_as!r}, "
+                                 "which has not drawn any yet (it must come earlier in task.phases)")
+            return self._drawn[phase.same_data_as]
+        batches = [to_device(next(phase.data), self.device) for _ in range(self.accum)]
+        self._drawn[phase.name] = batches
+        return batches
+
+    def _optimizer_step(self, phase: Phase, micro_batches: list[Any]) -> None:
+        opt = self.optimizers[phase.optimizer]
         scaler = self.scalers[phase.optimizer]
-        params = self._phase_params[phase.name]
-        self._set_requires_grad(phase.trains)
-        nets = {name: self.views_train[name] if name in phase.trains else self.views_frozen[name]
-                for name in self.task.nets}
-        micro = self.batch_per_rank // self.accum
+        trains = self._trains[phase.name]
+        self._set_requires_grad(phase.optimizer)
+        nets = self.parallel.views(trains)
         loss_sum = torch.zeros((), device=self.device)
-        step_logs: dict[str, torch.Tensor] = {}
-        for i in range(self.accum):
-            rows = slice(i * micro, (i + 1) * micro)
-            with self._no_sync(phase.trains, last=i == self.accum - 1), self.precision.autocast():
-                loss, logs = phase.loss(nets, {k: v[rows] for k, v in batch.items()})
-            loss = loss.float() / self.accum
+        count = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with self.parallel.gradient_sync(trains, enabled=last), self.precision.autocast():
+                out = phase.loss(nets, batch)
+            loss = out.loss_sum.float()
             (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += loss.detach()
-            for key, value in logs.items():  # the mean over micro-batches, still on the device
-                step_logs[key] = step_logs.get(key, 0.0) + value.detach().float() / self.accum
-        for key, value in step_logs.items():
-            self.metrics.add(key, value)
+            count += out.count
+            for key, value in out.metrics.items():
+                self.metrics.add(key, value.detach().float(), weight=out.count)
+            if out.samples is not None:
+                self.metrics.add_total("samples", out.samples)
+            if out.tokens is not None:
+                self.metrics.add_total("tokens", out.tokens)
+        # One all-reduce: the step's count over all ranks (the normaliser) and its loss (for the skip decision).
+        total = all_reduce_sum(torch.stack([count, loss_sum]), self.dist)
+        # DDP and FSDP average gradients over ranks; times world size over the global count gives the
+        # gradient of the mean loss over every unit of the global batch.
+        scale = self.dist.world_size / total[0].clamp(min=1.0)
         if scaler is not None:
             scaler.unscale_(opt)
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        grad_norm = _normalise_and_clip(self._params[phase.optimizer], scale, self.cfg.train.grad_clip)
         self.metrics.add(f"grad_norm/{phase.name}", grad_norm)
-        # One host sync per optimizer step: a skipped step must be known now. Gradients are identical on
-        # every rank after DDP's all-reduce, so every rank takes the same decision without talking.
-        finite = bool(torch.isfinite(grad_norm + loss_sum))
+        # One host sync per optimizer step: a skipped step must be known now. The loss is all-reduced and
+        # the grad norm is of the synchronised gradients, so every rank takes the same decision.
+        finite = bool(torch.isfinite(grad_norm + total[1]))
         if scaler is not None:
             scaler.step(opt)  # skips by itself when the unscaled gradients hold inf / nan
             scaler.update()
@@ -273,6 +347,7 @@ class Trainer:
         self.nonfinite_streak = self.nonfinite_streak + 1 if bad else 0
         limit = self.cfg.train.max_nonfinite_steps
         if self.nonfinite_streak >= limit:
+            self.checkpointer.wait()
             latest = ckpt_lib.latest_checkpoint(self.ckpt_root)
             raise TrainingDiverged(
                 f"{self.nonfinite_streak} optimizer steps in a row had a non-finite loss or gradient "
@@ -281,26 +356,39 @@ class Trainer:
                 "Try a lower learning rate, train.grad_clip, or train.precision=bf16 instead of fp16."
             )
 
-    def _set_requires_grad(self, trains: tuple[str, ...]) -> None:
-        for name, params in self._trainable_params.items():
-            flag = name in trains
+    def _set_requires_grad(self, optimizer: str) -> None:
+        for name, params in self._params.items():
+            flag = name == optimizer
             for p in params:
                 p.requires_grad_(flag)
 
-    def _no_sync(self, trains, last: bool):
-        """DDP gradient all-reduce only on the last micro-batch of an optimizer step."""
-        stack = contextlib.ExitStack()
-        if not last and self.dist.distributed:
-            for name in trains:
-                stack.enter_context(_ddp_of(self.views_train[name]).no_sync())
-        return stack
-
     # ---------------------------------------------------------------------- logging, eval, checkpoints
 
-    def _log_train(self, steps: int, elapsed: float) -> None:
+    @property
+    def loggers(self) -> LoggerGroup:
+        if self._loggers is None:
+            names = list(self.cfg.run.loggers) if self.dist.is_main else []
+            cfg = self.cfg
+            self._loggers = build_loggers(
+                names, self.out_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), cfg.train.max_steps,
+                wandb_project=cfg.run.wandb_project, wandb_mode=cfg.run.wandb_mode,
+                run_name=cfg.run.name or self.out_dir.name,
+            )
+        return self._loggers
+
+    def _log_train(self, elapsed: float, steps: int) -> None:
         values = self.metrics.reduce()
+        elapsed = max(elapsed, 1e-9)
+        for unit in ("samples", "tokens"):
+            if unit in values:
+                values[f"{unit}_per_s"] = values.pop(unit) / elapsed
+        per_unit = (("tokens_per_s", self.task.flops_per_token), ("samples_per_s", self.task.flops_per_sample))
+        for rate, flops in per_unit:
+            if flops and self._peak_tflops and rate in values:
+                values["mfu"] = flops * values[rate] / (self._peak_tflops * 1e12 * self.dist.world_size)
+                break
+        values["steps_per_s"] = steps / elapsed
         values.update(self._schedule_values)  # the values in force at this step, not a window mean
-        values["samples_per_s"] = self.cfg.train.batch_size * steps / max(elapsed, 1e-9)
         memory = peak_memory_mb(self.device)
         if memory is not None:
             values["peak_mem_mb"] = memory
@@ -319,36 +407,21 @@ class Trainer:
             self.loggers.log_images(self.step, tag, grid)
 
     def save_checkpoint(self) -> Path:
-        rng_states = gather_objects(capture_rng_state(self.device), self.dist)
-        path = self.ckpt_root / ckpt_lib.step_dir_name(self.step)
-        if self.dist.is_main:
-            metrics = self._last_eval[1] if self._last_eval and self._last_eval[0] == self.step else None
-            path = ckpt_lib.save_checkpoint(
-                self.ckpt_root, self.step, self._weights(), self.task.model_config(),
-                self._train_state(rng_states), metrics=metrics,
-            )
-            best = self.task.best_metric
-            if best is not None and metrics and best[0] in metrics:
-                ckpt_lib.update_best(self.ckpt_root, path, best[0], metrics[best[0]], mode=best[1])
-            ckpt_lib.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last)
-        barrier(self.dist)
-        return path
-
-    def _weights(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{key}": value.detach()
-                for name, net in self.task.nets.items() for key, value in net.state_dict().items()}
-
-    def _train_state(self, rng_states: list) -> dict:
-        return {
+        if self.dist.is_main and not self._config_written:
+            # Only now: a run that never gets this far must not replace an earlier run's config.
+            _write_text_atomic(self.out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+            self._config_written = True
+        run_state = {
             "step": self.step,
             "seed": self.seed,
             "world_size": self.dist.world_size,
-            "optimizers": {name: opt.state_dict() for name, (opt, _) in self.task.optimizers.items()},
-            "scalers": {name: (s.state_dict() if s is not None else {}) for name, s in self.scalers.items()},
-            "rng": rng_states,
+            "rng": gather_objects(capture_rng_state(self.device), self.dist),
             "task": self.task.state_dict(),
             "nonfinite_streak": self.nonfinite_streak,
         }
+        metrics = self._last_eval[1] if self._last_eval and self._last_eval[0] == self.step else None
+        return self.checkpointer.save(self.step, run_state, self.task.model_config(), metrics,
+                                      best=self.task.best_metric)
 
     # ------------------------------------------------------------------------ profiling, preemption
 
@@ -372,7 +445,11 @@ class Trainer:
 
     @contextlib.contextmanager
     def _preemption_signals(self):
-        """SIGTERM / SIGUSR1: finish the current step, checkpoint, exit with EXIT_REQUEUE."""
+        """SIGTERM / SIGUSR1: finish the current step, checkpoint, exit with EXIT_REQUEUE.
+
+        The handlers stay in place until the checkpoint is written and the loggers are closed, so a second
+        signal during the preemption save only sets the flag again.
+        """
 
         def request_stop(signum, frame):
             self._stop_requested = True
@@ -391,6 +468,32 @@ class Trainer:
                 signal.signal(sig, handler)
 
 
-def _ddp_of(view: nn.Module) -> DDP:
-    module = getattr(view, "_orig_mod", view)  # torch.compile wraps the DDP module
-    return module
+_RESUME_ADVICE = ("Resume from an earlier checkpoint with run.resume=<path of a step_* folder>, or start a new "
+                  "run in another run.out_dir.")
+
+
+def _normalise_and_clip(params: list[Tensor], scale: Tensor, max_norm: float) -> Tensor:
+    """Multiply the gradients by `scale` (the count normaliser), clipped to `max_norm` if > 0, in one pass.
+
+    Returns the norm of the normalised gradients before clipping. Gradients may be DTensors (FSDP): their
+    norm is then gathered over the shards, so every rank sees the same value.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=scale.device)
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    norm = norm * scale
+    factor = scale
+    if max_norm > 0:
+        factor = scale * (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, factor.to(grads[0].device))
+    return norm
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

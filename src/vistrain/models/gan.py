@@ -193,18 +193,21 @@ class DCGANDiscriminator(nn.Module):
         def width(r: int) -> int:
             return _width(r, resolution, cfg.base_channels)
 
-        layers: list[nn.Module] = []
+        blocks: list[nn.Module] = []
         c_in, r = channels, resolution
-        while r > 4:
-            layers += [_make(nn.Conv2d(c_in, width(r // 2), 4, stride=2, padding=1), "dcgan", sn), nn.LeakyReLU(0.2)]
+        while r > 4:  # each block halves the size
+            conv = _make(nn.Conv2d(c_in, width(r // 2), 4, stride=2, padding=1), "dcgan", sn)
+            blocks.append(nn.Sequential(conv, nn.LeakyReLU(0.2)))
             c_in, r = width(r // 2), r // 2
-        self.features = nn.Sequential(*layers)
+        self.blocks = nn.ModuleList(blocks)
         self.head = _Projection(c_in * 16, c_in, num_classes, "dcgan", sn)
 
     def forward(self, img_BCHW: Tensor, labels_B: Tensor | None = None) -> Tensor:
         _check_img(self, img_BCHW)
         labels_B = check_labels(type(self).__name__, self.num_classes, labels_B, img_BCHW.shape[0])
-        h_BCHW = self.features(img_BCHW)  # [B, C, 4, 4]
+        h_BCHW = img_BCHW
+        for block in self.blocks:
+            h_BCHW = block(h_BCHW)  # ends as [B, C, 4, 4]
         return self.head(h_BCHW.flatten(1), h_BCHW.sum(dim=(2, 3)), labels_B)
 
 

@@ -1,0 +1,100 @@
+"""The task registry: each task declares itself in one `TaskSpec`, found here by name.
+
+A spec carries everything the rest of vistrain needs to know about a task: its config schema (its own
+sections, its data options included), how to build it for the engine, how to sample from a checkpoint of
+it, the command-line options of sampling, and the overrides `--smoke` applies. Built-in tasks are imported
+on first use; your own task is a module that registers a spec named after its module path:
+
+    # mylab/tasks/denoise.py
+    from vistrain.tasks import TaskSpec, register
+    register(TaskSpec(name=__name__, config=Config, build=DenoiseTask))
+
+and a config with `task: mylab.tasks.denoise`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import Tensor
+
+from vistrain.engine.task import Task, TaskEnv
+from vistrain.errors import ConfigError
+
+# Built-in task name -> module that registers it. Imported lazily so that `vistrain --help` stays fast.
+BUILTIN_TASKS = {"gan": "vistrain.tasks.gan"}
+
+
+@dataclass(frozen=True)
+class SampleOption:
+    """A task-specific flag of `vistrain sample`, e.g. VAR's `--top-k`."""
+
+    flag: str
+    type: type
+    default: Any
+    help: str
+
+
+@dataclass
+class SampleRequest:
+    """What `vistrain sample` asks a task for: `num` images, in chunks of at most `batch_size`."""
+
+    num: int
+    labels: Optional[list[int]]
+    seed: int
+    batch_size: int
+    options: dict[str, Any] = field(default_factory=dict)  # the task's own sample options, by dest name
+
+
+# sample(model_config, weights, request, device) -> chunks of images in [-1, 1], N x C x H x W, on the CPU
+SampleFn = Callable[[dict, dict[str, Tensor], SampleRequest, Any], Iterator[Tensor]]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    config: type  # an ExperimentConfig subclass: the task's whole config schema
+    build: Callable[[Any, TaskEnv], Task]  # (config, env) -> the task the engine runs
+    sample: Optional[SampleFn] = None
+    sample_options: tuple[SampleOption, ...] = ()
+    smoke_overrides: tuple[str, ...] = ()  # tiny shapes so `--smoke` checks a config in seconds
+
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def register(spec: TaskSpec) -> TaskSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> TaskSpec:
+    """The spec of a built-in task, or of your own task module (importing it registers it)."""
+    if name not in _REGISTRY:
+        module = BUILTIN_TASKS.get(name, name)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name not in (name, name.split(".")[0]):
+                raise ConfigError(f"task {name!r}: importing it failed ({e})") from None
+            raise ConfigError(
+                f"unknown task {name!r}; built-in tasks: {', '.join(sorted(BUILTIN_TASKS))} (or the module path "
+                "of your own task, such as mylab.tasks.denoise)"
+            ) from None
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"task module {name!r} registers no task named {name!r}: call "
+            "vistrain.tasks.register(TaskSpec(name=__name__, ...)) in it"
+        )
+    return _REGISTRY[name]
+
+
+def make_trainer(cfg: Any, dist_ctx: Any):
+    """The engine's Trainer for a loaded config: its task's spec builds the task once the engine asks."""
+    from vistrain.engine.trainer import Trainer
+
+    spec = get_spec(cfg.task)
+    return Trainer(cfg, lambda env: spec.build(cfg, env), dist_ctx)

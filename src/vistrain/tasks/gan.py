@@ -1,8 +1,9 @@
 """GAN training in the imaginaire / StyleGAN2 mould: alternating D and G updates, lazy R1, EMA generator.
 
-Phases per iteration: `d` (dis_step times), `g` (gen_step times), and `r1` every `r1_interval` steps when
-`gan.loss_weight.r1_gamma > 0`. As in imaginaire, the loader batch is the global batch times
-max(dis_step, gen_step) and each update takes its own slice of it.
+Phases per step: `d` (dis_step optimizer steps, each on a fresh batch of real images), `g` (gen_step steps,
+on the labels of D's last batch, as imaginaire's generator update reuses the discriminator's data), and `r1`
+every `r1_interval` steps when `gan.loss_weight.r1_gamma > 0` (on D's last batch of reals). Losses are
+reported per image: summed over the micro-batch, with the number of images as the count.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -17,14 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vistrain.config import ConfigError, ExperimentConfig
-from vistrain.data.loader import build_dataset
+from vistrain.data.config import ImageDataConfig
+from vistrain.data.loader import MicroBatchStream, build_image_dataset, check_enough_data
+from vistrain.data.sampler import StreamOrder
 from vistrain.engine.ema import ema_beta, update_ema
 from vistrain.engine.images import make_grid
-from vistrain.engine.optim import OptimConfig, build_optimizer
+from vistrain.engine.optim import OptimConfig
+from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
 from vistrain.eval.frechet import frechet_distance
 from vistrain.models.diffaugment import diff_augment
 from vistrain.models.gan import DiscriminatorConfig, GeneratorConfig, build_discriminator, build_generator
-from vistrain.tasks.base import EvalResult, Phase, TaskEnv
+from vistrain.tasks import SampleRequest, TaskSpec, register
 from vistrain.tasks.gan_losses import LOSSES, discriminator_loss, generator_loss, r1_penalty
 
 
@@ -68,18 +73,10 @@ class GanOptimConfig:
 @dataclass
 class GanConfig(ExperimentConfig):
     task: str = "gan"
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
     model: GanModelConfig = field(default_factory=GanModelConfig)
     gan: GanTrainConfig = field(default_factory=GanTrainConfig)
     optim: GanOptimConfig = field(default_factory=GanOptimConfig)
-
-
-Config = GanConfig
-
-# Applied by --smoke: tiny networks and images so a config can be checked in seconds.
-SMOKE_OVERRIDES = [
-    "data.resolution=16", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
-    "gan.num_samples=16", "gan.fd_samples=32",
-]
 
 
 def lazy_regularization(cfg: OptimConfig, interval: int) -> OptimConfig:
@@ -88,7 +85,7 @@ def lazy_regularization(cfg: OptimConfig, interval: int) -> OptimConfig:
     return dataclasses.replace(cfg, lr=cfg.lr * ratio, betas=[b**ratio for b in cfg.betas])
 
 
-class Task:
+class GanTask(Task):
     def __init__(self, cfg: GanConfig, env: TaskEnv):
         gan = cfg.gan
         if gan.loss not in LOSSES:
@@ -97,8 +94,9 @@ class Task:
             raise ConfigError("gan.dis_step, gan.gen_step and gan.r1_interval must be at least 1")
         self.cfg, self.env = cfg, env
         self.device = env.dist.device
-        self.train_set = build_dataset(cfg.data, "train")
-        self.val_set = build_dataset(cfg.data, "val")
+        self.train_set = build_image_dataset(cfg.data, "train")
+        self.val_set = build_image_dataset(cfg.data, "val")
+        check_enough_data(self.train_set, env.batch_size, f"the {cfg.data.name} training set")
         self.num_classes = self.train_set.num_classes if cfg.model.conditional else 0
         shape = dict(resolution=cfg.data.resolution, channels=cfg.data.channels, num_classes=self.num_classes)
         G = build_generator(cfg.model.generator, **shape).to(self.device)
@@ -110,15 +108,17 @@ class Task:
 
         r1_on = gan.loss_weight.r1_gamma > 0
         d_optim = lazy_regularization(cfg.optim.d, gan.r1_interval) if r1_on else cfg.optim.d
-        self.optimizers = {"d": (build_optimizer(D, d_optim), d_optim),
-                           "g": (build_optimizer(G, cfg.optim.g), cfg.optim.g)}
+        self.optimizers = {"d": OptimizerSpec("D", d_optim), "g": OptimizerSpec("G", cfg.optim.g)}
+        dist = env.dist
+        self.reals = MicroBatchStream(self.train_set, StreamOrder(len(self.train_set), env.seed),
+                                      env.micro_batch_size, dist.rank, dist.world_size, cfg.data.num_workers)
         self.phases = [
-            Phase("d", optimizer="d", trains=("D",), loss=self.dis_loss, repeats=gan.dis_step),
-            Phase("g", optimizer="g", trains=("G",), loss=self.gen_loss, repeats=gan.gen_step),
+            Phase("d", optimizer="d", loss=self.dis_loss, data=self.reals, repeats=gan.dis_step),
+            Phase("g", optimizer="g", loss=self.gen_loss, same_data_as="d", repeats=gan.gen_step),
         ]
         if r1_on:
-            self.phases.append(Phase("r1", optimizer="d", trains=("D",), loss=self.r1_loss, every=gan.r1_interval))
-        self.batch_multiplier = max(gan.dis_step, gan.gen_step)
+            self.phases.append(Phase("r1", optimizer="d", loss=self.r1_loss, same_data_as="d",
+                                     every=gan.r1_interval))
         self.best_metric = ("fd_pixels", "min")
         self.images_seen = 0
         self._real_features: Optional[Tensor] = None  # fd_pixels features of the validation set
@@ -139,34 +139,41 @@ class Task:
     def _noise(self, batch_size: int) -> Tensor:
         return torch.randn(batch_size, self.z_dim, device=self.device)
 
-    def dis_loss(self, nets, batch) -> tuple[Tensor, dict[str, Tensor]]:
+    # The loss functions compute batch means (gan_losses.py); times the batch size B they are the sums over
+    # images the engine wants, and B is the count it divides by after summing over micro-batches and ranks.
+
+    def dis_loss(self, nets, batch) -> PhaseLoss:
         real_BCHW = batch["image"]
+        B = real_BCHW.shape[0]
         labels_B = batch["label"] if self.num_classes else None
         with torch.no_grad():
-            fake_BCHW = nets["G"](self._noise(real_BCHW.shape[0]), labels_B)
+            fake_BCHW = nets["G"](self._noise(B), labels_B)
         # One D forward over reals and fakes together: half the launches, and one spectral-norm update.
         both = torch.cat([self._augment(real_BCHW), self._augment(fake_BCHW)])
         both_labels = torch.cat([labels_B, labels_B]) if labels_B is not None else None
         real_logits_B, fake_logits_B = nets["D"](both, both_labels).float().chunk(2)
         loss = self.cfg.gan.loss_weight.adversarial * discriminator_loss(self.cfg.gan.loss, real_logits_B, fake_logits_B)
-        return loss, {"d_loss": loss, "d_real": real_logits_B.mean(), "d_fake": fake_logits_B.mean()}
+        metrics = {"d_loss": loss * B, "d_real": real_logits_B.sum(), "d_fake": fake_logits_B.sum()}
+        return PhaseLoss(loss * B, count=B, metrics=metrics, samples=B)
 
-    def gen_loss(self, nets, batch) -> tuple[Tensor, dict[str, Tensor]]:
+    def gen_loss(self, nets, batch) -> PhaseLoss:
+        B = batch["image"].shape[0]
         labels_B = batch["label"] if self.num_classes else None
-        fake_BCHW = nets["G"](self._noise(batch["image"].shape[0]), labels_B)
+        fake_BCHW = nets["G"](self._noise(B), labels_B)
         fake_logits_B = nets["D"](self._augment(fake_BCHW), labels_B).float()
         loss = self.cfg.gan.loss_weight.adversarial * generator_loss(self.cfg.gan.loss, fake_logits_B)
-        return loss, {"g_loss": loss}
+        return PhaseLoss(loss * B, count=B, metrics={"g_loss": loss * B})
 
-    def r1_loss(self, nets, batch) -> tuple[Tensor, dict[str, Tensor]]:
+    def r1_loss(self, nets, batch) -> PhaseLoss:
         real_BCHW = batch["image"].detach().requires_grad_(True)
+        B = real_BCHW.shape[0]
         labels_B = batch["label"] if self.num_classes else None
         real_logits_B = nets["D"](self._augment(real_BCHW), labels_B).float()
         penalty = r1_penalty(real_logits_B, real_BCHW)
         gamma, interval = self.cfg.gan.loss_weight.r1_gamma, self.cfg.gan.r1_interval
         # x0 keeps every D parameter in the graph (the last bias has no input gradient), which DDP requires.
         loss = gamma / 2 * penalty * interval + 0.0 * real_logits_B.sum()
-        return loss, {"r1_penalty": penalty}
+        return PhaseLoss(loss * B, count=B, metrics={"r1_penalty": penalty * B})
 
     def on_step_end(self, step: int) -> None:
         self.images_seen += self.env.batch_size
@@ -214,10 +221,11 @@ class Task:
         }
 
     def state_dict(self) -> dict:
-        return {"images_seen": self.images_seen}
+        return {"images_seen": self.images_seen, "reals": self.reals.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.images_seen = int(state.get("images_seen", 0))
+        self.images_seen = int(state["images_seen"])
+        self.reals.load_state_dict(state["reals"])
 
 
 @torch.no_grad()
@@ -246,23 +254,34 @@ def load_generator(model_config: dict, weights: dict[str, Tensor], device: torch
     return G.to(device).eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def sample(model_config: dict, weights: dict[str, Tensor], num: int, labels: Optional[list[int]],
-           seed: int, device: torch.device, batch_size: int = 256) -> Tensor:
-    """`num` images in [-1, 1] (N x C x H x W) from the EMA generator; labels cycle over the given list."""
-    G = load_generator(model_config, weights, device)
+def sample(model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
+           device: torch.device) -> Iterator[Tensor]:
+    """`request.num` images in [-1, 1] from the EMA generator, in chunks; labels cycle over the given list.
+
+    Noise is drawn chunk by chunk from one generator seeded by `request.seed`, so memory stays bounded for
+    any number of images, and the first images do not depend on how many are asked for.
+    """
     num_classes = model_config["num_classes"]
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(num, G.z_dim, generator=g)
-    y = None
-    if num_classes:
-        if labels:
-            bad = [c for c in labels if not 0 <= c < num_classes]
-            if bad:
-                raise ValueError(f"--labels {bad} out of range: this generator has classes 0..{num_classes - 1}")
-            y = torch.tensor(labels)[torch.arange(num) % len(labels)]
-        else:
-            y = torch.arange(num) % num_classes
-    elif labels:
+    labels = request.labels
+    if labels and not num_classes:
         raise ValueError("--labels given, but this generator is unconditional")
-    return generate(G, z, y, device, batch_size)
+    if labels:
+        bad = [c for c in labels if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"--labels {bad} out of range: this generator has classes 0..{num_classes - 1}")
+    G = load_generator(model_config, weights, device)
+    g = torch.Generator().manual_seed(request.seed)
+    for start in range(0, request.num, request.batch_size):
+        n = min(request.batch_size, request.num - start)
+        z = torch.randn(n, G.z_dim, generator=g)
+        index = torch.arange(start, start + n)
+        y = None
+        if num_classes:
+            y = torch.tensor(labels)[index % len(labels)] if labels else index % num_classes
+        yield generate(G, z, y, device, batch_size=n)
+
+
+register(TaskSpec(name="gan", config=GanConfig, build=GanTask, sample=sample, smoke_overrides=(
+    "data.resolution=16", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
+    "gan.num_samples=16", "gan.fd_samples=32",
+)))

@@ -1,0 +1,109 @@
+"""Parallelism applied to a task's trainable networks from outside, in torchtitan's order.
+
+    1. activation checkpointing per block        train.activation_checkpointing
+    2. torch.compile per block or whole network  train.compile: model | blocks
+    3. DDP, or FSDP2 per block and then the root  train.parallel: ddp | fsdp
+
+A model takes part by naming its repeated blocks in one attribute, `blocks` (an nn.ModuleList or
+nn.Sequential); nothing else in a model knows about parallelism. A network without `blocks` is treated as
+one block. Frozen networks (a GAN's EMA copy, VAR's tokenizer) are left alone: no wrapper, no gradients.
+
+All three steps keep parameter names as they are (composable activation checkpointing, in-place
+`Module.compile`, FSDP2 in place), so the state-dict keys of a wrapped network are those of the plain model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from vistrain.engine.config import TrainConfig
+from vistrain.engine.dist import DistContext
+
+
+def blocks_of(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks a model names in `blocks`; the whole module when it names none."""
+    blocks = getattr(module, "blocks", None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
+        return list(blocks)
+    return [module]
+
+
+class Parallel:
+    """Wraps the trainable networks once; hands each phase the view of every network it should call."""
+
+    def __init__(self, nets: dict[str, nn.Module], trainable: tuple[str, ...], cfg: TrainConfig,
+                 dist: DistContext):
+        self.nets = nets
+        self.fsdp = cfg.parallel == "fsdp"
+        self._wrapped: dict[str, nn.Module] = {}
+        mesh = self._device_mesh(dist) if self.fsdp else None
+        for name in trainable:
+            net = nets[name]
+            blocks = blocks_of(net)
+            if cfg.activation_checkpointing:
+                from torch.distributed._composable import checkpoint
+
+                for block in blocks:
+                    checkpoint(block)
+            if cfg.compile == "blocks":
+                for block in blocks:
+                    block.compile()
+            elif cfg.compile == "model":
+                net.compile()
+            if self.fsdp:
+                self._wrapped[name] = self._fully_shard(net, blocks, mesh, cfg.precision)
+            elif dist.distributed:
+                ids = [dist.device.index] if dist.device.type == "cuda" else None
+                self._wrapped[name] = DDP(net, device_ids=ids)
+            else:
+                self._wrapped[name] = net
+
+    @staticmethod
+    def _device_mesh(dist: DistContext):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(dist.device.type, (dist.world_size,))
+
+    @staticmethod
+    def _fully_shard(net: nn.Module, blocks: list[nn.Module], mesh, precision: str) -> nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16: parameters are all-gathered and used in bf16, gradients reduced in fp32 (torchtitan's choice).
+        param_dtype = torch.bfloat16 if precision == "bf16" else None
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in blocks:
+            if block is not net:
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(net, mesh=mesh, mp_policy=policy)
+        return net
+
+    def views(self, trains: tuple[str, ...]) -> dict[str, nn.Module]:
+        """Networks as a phase that trains `trains` calls them: wrapped for those, plain for the rest.
+
+        Under DDP a network that the phase does not train is called without its wrapper, so that DDP does not
+        wait for gradients that never come; FSDP modules are sharded in place and always called as they are.
+        """
+        return {name: self._wrapped[name] if name in trains else net for name, net in self.nets.items()}
+
+    def gradient_sync(self, trains: tuple[str, ...], enabled: bool) -> contextlib.AbstractContextManager:
+        """No gradient all-reduce / reduce-scatter until the last micro-batch of an optimizer step."""
+        if enabled:
+            return contextlib.nullcontext()
+        return self._no_sync([self._wrapped[name] for name in trains])
+
+    @contextlib.contextmanager
+    def _no_sync(self, modules: list[nn.Module]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for module in modules:
+                if isinstance(module, DDP):
+                    stack.enter_context(module.no_sync())
+                elif self.fsdp:
+                    module.set_requires_gradient_sync(False)
+                    stack.callback(module.set_requires_gradient_sync, True)
+            yield
+
