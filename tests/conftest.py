@@ -8,14 +8,18 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def subprocess_env():
+def subprocess_env_for() -> dict:
     """Environment for `vistrain` subprocesses: tests/ importable (toy_task), quiet, few threads."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO / "src"), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     env["WANDB_SILENT"] = "true"
     return env
+
+
+@pytest.fixture
+def subprocess_env():
+    return subprocess_env_for()
 
 
 @pytest.fixture

@@ -66,7 +66,9 @@ class ToySection:
     fail_rank: int = -1  # this rank raises at fail_at_step (distributed failure tests)
     fail_at_step: int = -1
     sigterm_at_step: int = -1  # rank 0 sends itself SIGTERM after this step, and again while it saves
-    uneven: bool = False  # micro-batches keep a varying number of their samples (the count changes)
+    # Uneven micro-batches: rank r keeps the first keep[r * k + i] samples of its i-th micro-batch of a step,
+    # with k = len(keep) / world size micro-batches per step. Empty: keep every sample.
+    keep: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -88,13 +90,16 @@ class ToyTask(Task):
                                      cfg.data.num_workers)
         self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.data)]
         self.step = 0
-        self.saves = 0
+        self.calls = 0  # loss calls so far: which micro-batch of the step this is
 
     def loss(self, nets, batch) -> PhaseLoss:
         x, y = batch["x"], batch["y"]
-        if self.cfg.toy.uneven:  # keep 1..B samples, varying with the data: uneven counts per micro-batch
-            keep = 1 + int(batch["x"][0, 0].abs() * 1000) % len(x)
-            x, y = x[:keep], y[:keep]
+        keep = self.cfg.toy.keep
+        if keep:
+            per_rank = len(keep) // self.env.dist.world_size
+            n = keep[self.env.dist.rank * per_rank + self.calls % per_rank]
+            x, y = x[:n], y[:n]
+        self.calls += 1
         per_sample = (nets["net"](x) - y).square().flatten()
         bad_rank = self.cfg.toy.nan_rank in (-1, self.env.dist.rank)
         if 0 <= self.cfg.toy.nan_from_step <= self.step and bad_rank:

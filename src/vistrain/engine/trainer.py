@@ -235,14 +235,13 @@ class Trainer:
     def _fit(self) -> Path:
         cfg = self.cfg.train
         profiler = None
-        window_start, window_steps = time.perf_counter(), 0
+        window_start = time.perf_counter()
         while self.step < cfg.max_steps:
             if cfg.profile and self.step == cfg.profile_start:
                 profiler = self._start_profiler()
             t0 = time.perf_counter()
             data_s = self._train_step()
             self.step += 1
-            window_steps += 1
             self.metrics.add("time/data_s", data_s)
             self.metrics.add("time/step_s", time.perf_counter() - t0)
             if profiler is not None and self.step == cfg.profile_start + cfg.profile_steps:
@@ -250,8 +249,8 @@ class Trainer:
                 profiler = None
 
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                self._log_train(time.perf_counter() - window_start, window_steps)
-                window_start, window_steps = time.perf_counter(), 0
+                self._log_train(time.perf_counter() - window_start)
+                window_start = time.perf_counter()
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 self._evaluate()
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
@@ -307,10 +306,12 @@ class Trainer:
         count = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with self.parallel.gradient_sync(trains, enabled=last), self.precision.autocast():
-                out = phase.loss(nets, batch)
-            loss = out.loss_sum.float()
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            # The backward too runs inside: FSDP decides in it whether to reduce-scatter the gradients.
+            with self.parallel.gradient_sync(trains, enabled=last):
+                with self.precision.autocast():
+                    out = phase.loss(nets, batch)
+                loss = out.loss_sum.float()
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += loss.detach()
             count += out.count
             for key, value in out.metrics.items():
@@ -376,7 +377,7 @@ class Trainer:
             )
         return self._loggers
 
-    def _log_train(self, elapsed: float, steps: int) -> None:
+    def _log_train(self, elapsed: float) -> None:
         values = self.metrics.reduce()
         elapsed = max(elapsed, 1e-9)
         for unit in ("samples", "tokens"):
@@ -387,7 +388,6 @@ class Trainer:
             if flops and self._peak_tflops and rate in values:
                 values["mfu"] = flops * values[rate] / (self._peak_tflops * 1e12 * self.dist.world_size)
                 break
-        values["steps_per_s"] = steps / elapsed
         values.update(self._schedule_values)  # the values in force at this step, not a window mean
         memory = peak_memory_mb(self.device)
         if memory is not None:
