@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def test_a_failing_rank_stops_the_job_with_a_clear_error(tmp_path, subprocess_env):
@@ -16,3 +17,22 @@ def test_a_failing_rank_stops_the_job_with_a_clear_error(tmp_path, subprocess_en
     assert result.returncode != 0
     assert time.time() - start < 200
     assert "toy failure on rank 1 at step 3" in result.stdout + result.stderr
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, subprocess_env):
+    """Rank 1's loss turns NaN (its gradients stay finite): both ranks must skip those steps together."""
+    import json
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vistrain",
+           "train", str(Path(__file__).parent / "toy.yaml"), f"run.out_dir={out}", "run.loggers=[jsonl]",
+           "train.max_steps=20", "train.batch_size=16", "train.log_every=1", "data.num_workers=0",
+           "train.max_nonfinite_steps=3", "toy.nan_rank=1", "toy.nan_from_step=3", "run.dist_timeout_s=60"]
+    result = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] vistrain: error: 3 optimizer steps in a row had a non-finite loss" in text, text
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = {e["step"]: e["skipped/main"] for e in events}
+    assert skipped[3] == 0.0 and skipped[4] == skipped[5] == 1.0  # 1.0: every rank skipped, none stepped

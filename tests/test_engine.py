@@ -138,3 +138,23 @@ def test_profile_writes_a_trace_of_the_requested_steps(tmp_path):
     traces = list((tmp_path / "profile").glob("*.json"))
     assert [t.name for t in traces] == ["trace_rank0_steps2-5.json"]
     assert traces[0].stat().st_size > 1000
+
+
+def test_an_external_frozen_network_is_neither_saved_nor_loaded(tmp_path):
+    make_trainer(toy_config(tmp_path / "a", "toy.teacher=true"), CPU).fit()
+    weights = final_weights(tmp_path / "a")
+    assert weights and not any(k.startswith("teacher.") for k in weights)
+    # A resume rebuilds the teacher as the task loads it, and the run continues exactly.
+    middle = tmp_path / "a" / "checkpoints" / "step_00000010"
+    make_trainer(toy_config(tmp_path / "b", "toy.teacher=true", f"run.resume={middle}"), CPU).fit()
+    assert_same_weights(weights, final_weights(tmp_path / "b"))
+
+
+def test_tokens_per_second_and_mfu_come_from_what_the_task_reports(tmp_path):
+    import json
+
+    make_trainer(toy_config(tmp_path, "toy.flops_per_token=1e6", "train.peak_tflops=0.5"), CPU).fit()
+    train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = train[-1]
+    assert last["tokens_per_s"] == pytest.approx(4 * last["samples_per_s"])
+    assert last["mfu"] == pytest.approx(1e6 * last["tokens_per_s"] / 0.5e12)

@@ -60,15 +60,18 @@ class MLP(nn.Module):
 
 @dataclass
 class ToySection:
-    nan_from_step: int = -1  # from this step on the loss is NaN; -1 never
+    nan_from_step: int = -1  # from this step on the loss value is NaN (its gradients stay finite); -1 never
     nan_rank: int = -1  # only this rank's loss is NaN (-1: every rank)
     dropout: float = 0.1  # some randomness in the step, so RNG restore matters
+    width: int = 16  # the architecture: changing it makes older checkpoints mismatch
     fail_rank: int = -1  # this rank raises at fail_at_step (distributed failure tests)
     fail_at_step: int = -1
     sigterm_at_step: int = -1  # rank 0 sends itself SIGTERM after this step, and again while it saves
     # Uneven micro-batches: rank r keeps the first keep[r * k + i] samples of its i-th micro-batch of a step,
     # with k = len(keep) / world size micro-batches per step. Empty: keep every sample.
     keep: list[int] = field(default_factory=list)
+    teacher: bool = False  # a frozen network loaded from elsewhere (`external`): not in the checkpoints
+    flops_per_token: float = 0.0  # > 0: report tokens (4 per sample) and these FLOPs per token, for `mfu`
 
 
 @dataclass
@@ -82,8 +85,14 @@ class ToyTask(Task):
     def __init__(self, cfg: Config, env: TaskEnv):
         self.cfg, self.env = cfg, env
         self.train_set = PairsDataset()
-        self.nets = {"net": MLP(dropout=cfg.toy.dropout).to(env.dist.device)}
+        self.nets = {"net": MLP(width=cfg.toy.width, dropout=cfg.toy.dropout).to(env.dist.device)}
         self.trainable = ("net",)
+        if cfg.toy.teacher:  # as if loaded from its own run: fixed weights, whatever the run's seed
+            teacher = nn.Linear(8, 1).requires_grad_(False)
+            nn.init.constant_(teacher.weight, 0.5)
+            self.nets["teacher"] = teacher.to(env.dist.device)
+            self.external = ("teacher",)
+        self.flops_per_token = cfg.toy.flops_per_token or None
         self.optimizers = {"main": OptimizerSpec("net", cfg.optim)}
         self.data = MicroBatchStream(self.train_set, StreamOrder(len(self.train_set), env.seed),
                                      env.micro_batch_size, env.dist.rank, env.dist.world_size,
@@ -100,12 +109,14 @@ class ToyTask(Task):
             n = keep[self.env.dist.rank * per_rank + self.calls % per_rank]
             x, y = x[:n], y[:n]
         self.calls += 1
-        per_sample = (nets["net"](x) - y).square().flatten()
+        if self.cfg.toy.teacher:
+            y = y + nets["teacher"](x)
+        loss_sum = (nets["net"](x) - y).square().sum()
         bad_rank = self.cfg.toy.nan_rank in (-1, self.env.dist.rank)
         if 0 <= self.cfg.toy.nan_from_step <= self.step and bad_rank:
-            per_sample = per_sample * float("nan")
-        loss_sum = per_sample.sum()
-        return PhaseLoss(loss_sum, count=len(x), metrics={"loss": loss_sum}, samples=len(x))
+            loss_sum = loss_sum + float("nan")
+        tokens = 4 * len(x) if self.cfg.toy.flops_per_token else None
+        return PhaseLoss(loss_sum, count=len(x), metrics={"loss": loss_sum}, samples=len(x), tokens=tokens)
 
     def on_step_end(self, step):
         self.step = step
@@ -119,7 +130,7 @@ class ToyTask(Task):
         return EvalResult()
 
     def model_config(self):
-        return {"task": "toy_task"}
+        return {"task": "toy_task", "width": self.cfg.toy.width}
 
     def state_dict(self):
         if self.env.dist.rank == 0 and self.step == self.cfg.toy.sigterm_at_step:

@@ -78,16 +78,20 @@ def run_train(args) -> int:
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
     prefix = f"[rank {ctx.rank}] " if ctx.world_size > 1 else ""
+    clean = False
     try:
         final = make_trainer(cfg, ctx).fit()
+        clean = True
         if ctx.is_main:
             print(f"done: {final}\n  samples: {Path(cfg.run.out_dir) / 'samples'}", flush=True)
         return 0
     except AlreadyDone as e:
+        clean = True
         if ctx.is_main:
             print(f"vistrain: {e}", flush=True)
         return 0
     except Preempted as e:
+        clean = True
         # The scheduler may signal again while we exit: that must not turn status 75 into 143.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
@@ -99,7 +103,7 @@ def run_train(args) -> int:
     except (CheckpointError, RunDirError, TrainingDiverged, ValueError) as e:
         return _fail(str(e), 1, prefix)
     finally:
-        shutdown(ctx)
+        shutdown(ctx, clean)
 
 
 def smoke_overrides(config_path: str, overrides: list[str]) -> list[str]:

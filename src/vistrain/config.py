@@ -116,7 +116,24 @@ def _parse_overrides(overrides) -> Any:
         raise ConfigError(f"could not parse overrides {list(overrides)}: {e}") from None
 
 
+def _check_sections(base, update, source: str, prefix: str = "") -> None:
+    """A section given a plain value (`train=5`) gets a message of its own; OmegaConf's names no key."""
+    if not OmegaConf.is_dict(update):
+        return
+    for key in update.keys():
+        if key not in base or not OmegaConf.is_dict(base[key]):
+            continue
+        full = f"{prefix}{key}"
+        value = update._get_node(key)._value()
+        if not OmegaConf.is_dict(value) and not isinstance(value, dict) and value is not None:
+            keys = ", ".join(str(k) for k in base[key].keys())
+            raise ConfigError(f"config key {full!r} in {source} is a section, not a value (given {value!r}); set "
+                              f"its keys instead, such as {full}.<key>=... (its keys: {keys})")
+        _check_sections(base[key], update[key], source, full + ".")
+
+
 def _merge(base, update, source: str):
+    _check_sections(base, update, source)
     try:
         return OmegaConf.merge(base, update)
     except oc_errors.ConfigKeyError as e:
@@ -140,7 +157,7 @@ def _unknown_key_message(e: oc_errors.ConfigKeyError, source: str) -> str:
 def _wrong_type_message(e: oc_errors.ValidationError, source: str) -> str:
     expected = _expected_type(e.object_type, e.key)
     msg = f"config key {e.full_key!r} in {source}: value {e.value!r} is not valid"
-    return msg + (f"; expected {expected}" if expected else f" ({e.msg.splitlines()[0]})")
+    return msg + (f"; expected {expected}" if expected else f" ({str(e).splitlines()[0]})")
 
 
 def _expected_type(object_type, key) -> str | None:

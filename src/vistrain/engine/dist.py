@@ -73,11 +73,12 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 600, alwa
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, cpu_group)
 
 
-def shutdown(ctx: DistContext) -> None:
+def shutdown(ctx: DistContext, clean: bool = True) -> None:
+    """Leave the process group. After a clean end, every rank first waits for the others: a rank tearing
+    gloo down early can make a peer that still uses it abort. After an error, no waiting: the peers may be
+    stuck in another collective, and the launcher stops them once this rank is gone."""
     if dist.is_initialized():
-        # Every rank reaches the end before any tears the group down: without this, a rank that finishes
-        # first can destroy gloo's connections while a peer still uses them, and the peer aborts.
-        if ctx.distributed:
+        if clean and ctx.distributed:
             dist.barrier(group=ctx.cpu_group)
         dist.destroy_process_group()
 

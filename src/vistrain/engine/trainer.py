@@ -104,8 +104,6 @@ class Trainer:
                       out_dir=self.out_dir)
         self.task = task = build_task(env)
         self._check_task(task)
-        if resume_path is not None:
-            self._check_same_task(resume_path, task)
 
         for spec in task.optimizers.values():
             freeze_zero_lr(task.nets[spec.net], spec.config)
@@ -154,8 +152,14 @@ class Trainer:
             raise ckpt_lib.CheckpointError(f"{problem} {_RESUME_ADVICE}")
         try:
             state = ckpt_lib.load_train_state(path)
+            saved_task = ckpt_lib.load_model_config(path).get("task")
         except ckpt_lib.CheckpointError as err:
             raise ckpt_lib.CheckpointError(f"{err} {_RESUME_ADVICE}") from None
+        if saved_task != self.cfg.task:
+            raise ckpt_lib.CheckpointError(
+                f"{path} is a checkpoint of task {saved_task!r}, and this config trains task {self.cfg.task!r}: "
+                f"point run.resume at a checkpoint of task {self.cfg.task!r}, or train with the config of that run."
+            )
         if int(state["step"]) >= self.cfg.train.max_steps:
             raise AlreadyDone(
                 f"{path} is at step {int(state['step'])}, and train.max_steps={self.cfg.train.max_steps}: the run "
@@ -185,15 +189,6 @@ class Trainer:
         for phase in task.phases:
             if phase.optimizer not in task.optimizers:
                 raise ValueError(f"phase {phase.name!r} names optimizer {phase.optimizer!r}, which the task lacks")
-
-    def _check_same_task(self, path: Path, task: Task) -> None:
-        saved_task = ckpt_lib.load_model_config(path).get("task")
-        this_task = task.model_config().get("task")
-        if saved_task != this_task:
-            raise ckpt_lib.CheckpointError(
-                f"{path} is a checkpoint of task {saved_task!r}, and this config trains task {this_task!r}. "
-                f"{_RESUME_ADVICE}"
-            )
 
     def _restore(self, path: Path) -> None:
         state = self.checkpointer.load(path)
