@@ -11,7 +11,7 @@ from PIL import Image
 from vistrain.data.config import ImageDataConfig
 from vistrain.data.digits import DigitsDataset, _split_indices
 from vistrain.data.images import ImageFolderDataset
-from vistrain.data.loader import MicroBatchStream, build_eval_loader, build_image_dataset, check_enough_data
+from vistrain.data.loader import MicroBatchStream, build_image_dataset, check_enough_data
 from vistrain.data.sampler import StreamOrder
 
 
@@ -202,15 +202,3 @@ def test_train_stream_same_batches_with_workers_resume_and_no_global_rng(digits_
     assert torch.equal(state, torch.get_rng_state())
     other_rank = first_batches(make(0, rank=0), 1)
     assert not torch.equal(other_rank[0]["image"], ref[0]["image"])
-
-
-def test_eval_loader_shards_cover_the_split_once_in_order(digits_val):
-    state = torch.get_rng_state()
-    seen = []
-    for rank in range(3):
-        batches = list(build_eval_loader(digits_val, 7, rank, 3, num_workers=0))
-        assert [len(b["label"]) for b in batches] == [7] * 8 + [4]  # 60 per rank, last partial kept
-        seen.append(torch.cat([b["image"] for b in batches]))
-    assert torch.equal(state, torch.get_rng_state())
-    everything = torch.stack([digits_val[i]["image"] for i in range(len(digits_val))])
-    assert torch.equal(torch.stack(seen, 1).flatten(0, 1), everything)  # rank r holds items r, r+3, ...

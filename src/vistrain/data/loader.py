@@ -1,4 +1,4 @@
-"""Data sets and loaders: the resumable training stream of micro-batches, and one-pass evaluation loaders.
+"""Data sets and the resumable training stream of micro-batches.
 
 Reproducibility contract the trainer relies on:
 - the training stream is fixed by (seed, items consumed): a resumed run restores the position and the
@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from vistrain.data.config import ImageDataConfig
 from vistrain.data.digits import DigitsDataset
@@ -151,27 +151,3 @@ class MicroBatchStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = int(state["position"])
         self._batches = None  # the next next() starts a loader at the restored position
-
-
-def build_eval_loader(
-    dataset: Dataset, batch_size_per_rank: int, rank: int, world_size: int, num_workers: int
-) -> DataLoader:
-    """One deterministic pass over this rank's shard ``rank::world_size`` of the whole split.
-
-    Shards are disjoint and together cover every item once; the last batch may be partial, and ranks may
-    get different numbers of batches (sum metrics with their counts, and avoid per-batch collectives).
-    """
-    if batch_size_per_rank < 1:
-        raise ValueError(f"evaluation batch size per rank must be >= 1, got {batch_size_per_rank}.")
-    shard = Subset(dataset, range(rank, len(dataset), world_size))  # type: ignore[arg-type]
-    return DataLoader(
-        shard,
-        batch_size=batch_size_per_rank,
-        shuffle=False,
-        drop_last=False,
-        num_workers=num_workers,
-        worker_init_fn=functools.partial(_seed_worker, seed=0, rank=rank),
-        generator=_private_generator(0, rank),
-        persistent_workers=num_workers > 0,
-        pin_memory=False,
-    )
