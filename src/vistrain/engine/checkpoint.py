@@ -324,6 +324,28 @@ def abort_checkpoint(root: Path, step: int) -> None:
     shutil.rmtree(tmp_dir(Path(root), step), ignore_errors=True)
 
 
+def finish_checkpoint(
+    root: Path,
+    step: int,
+    weights: dict[str, Tensor],
+    model_config: dict,
+    train_state: dict,
+    metrics: Optional[dict[str, float]] = None,
+) -> Path:
+    """Rank 0's part after begin_checkpoint (and any shards): write its files, then commit the folder.
+
+    A failure removes the temporary folder, so nothing of this checkpoint is left; the previous is intact.
+    """
+    try:
+        write_checkpoint_files(tmp_dir(Path(root), step), weights, model_config, train_state, metrics)
+    except BaseException as err:
+        abort_checkpoint(root, step)
+        if isinstance(err, Exception):
+            raise write_error(err, Path(root), step_dir_name(step)) from err
+        raise
+    return commit_checkpoint(root, step)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -337,15 +359,8 @@ def save_checkpoint(
     See write_checkpoint_files for what may go in. Refused input raises before anything is written.
     """
     _check_weights_only(train_state, "train_state")
-    tmp = begin_checkpoint(root, step)
-    try:
-        write_checkpoint_files(tmp, weights, model_config, train_state, metrics)
-    except BaseException as err:
-        abort_checkpoint(root, step)
-        if isinstance(err, Exception):
-            raise write_error(err, Path(root), step_dir_name(step)) from err
-        raise
-    return commit_checkpoint(root, step)
+    begin_checkpoint(root, step)
+    return finish_checkpoint(root, step, weights, model_config, train_state, metrics)
 
 
 # ----------------------------------------------------------------------------------------------------

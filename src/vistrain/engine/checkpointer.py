@@ -127,15 +127,7 @@ class Checkpointer:
             self._error = err
 
     def _write_and_commit(self, step, weights, model_config, train_state, metrics, best) -> None:
-        tmp = ckpt_lib.tmp_dir(self.root, step)
-        try:
-            ckpt_lib.write_checkpoint_files(tmp, weights, model_config, train_state, metrics)
-        except BaseException as err:
-            ckpt_lib.abort_checkpoint(self.root, step)
-            if isinstance(err, Exception):
-                raise ckpt_lib.write_error(err, self.root, ckpt_lib.step_dir_name(step)) from err
-            raise
-        path = ckpt_lib.commit_checkpoint(self.root, step)
+        path = ckpt_lib.finish_checkpoint(self.root, step, weights, model_config, train_state, metrics)
         if best is not None and metrics and best[0] in metrics:
             ckpt_lib.update_best(self.root, path, best[0], metrics[best[0]], mode=best[1])
         ckpt_lib.prune_checkpoints(self.root, self.keep_last)
@@ -182,21 +174,9 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------------ loading
 
     def load(self, path: Path) -> dict:
-        """Restore networks, optimizers and scalers from checkpoint `path`; return the rest of its state.
-
-        Every rank calls this. Rank 0 verifies the checksums of all files first; a damaged file stops
-        every rank with a message naming it.
-        """
+        """Restore networks, optimizers and scalers from checkpoint `path` (verified with
+        verify_on_main_rank); return the rest of its state. Every rank calls this."""
         path = Path(path)
-        problem = None
-        if self.dist.is_main:
-            try:
-                ckpt_lib.verify_checkpoint(path)
-            except ckpt_lib.CheckpointError as err:
-                problem = str(err)
-        problem = broadcast_object(problem, self.dist)
-        if problem:
-            raise ckpt_lib.CheckpointError(problem)
         train_state = ckpt_lib.load_train_state(path)
         weights = ckpt_lib.load_safetensors(path / ckpt_lib.MODEL_FILE)
         for name in self.saved:
@@ -231,6 +211,20 @@ class Checkpointer:
             for name, (opt, net) in stepped.items():
                 set_optimizer_state_dict(self.nets[net], opt, saved[name],
                                          options=StateDictOptions(full_state_dict=True))
+
+
+def verify_on_main_rank(path: Path, dist_ctx: DistContext) -> None:
+    """Rank 0 checks every file of checkpoint `path` against its checksum (reading it all once, not once per
+    rank); a damaged file raises the same CheckpointError, naming it, on every rank."""
+    problem = None
+    if dist_ctx.is_main:
+        try:
+            ckpt_lib.verify_checkpoint(path)
+        except ckpt_lib.CheckpointError as err:
+            problem = str(err)
+    problem = broadcast_object(problem, dist_ctx)
+    if problem:
+        raise ckpt_lib.CheckpointError(problem)
 
 
 def _check_matches(net: nn.Module, weights: dict[str, Tensor], name: str, path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from vistrain.engine.config import DEVICES
 from vistrain.errors import ConfigError
 
 
@@ -40,8 +41,8 @@ def launched_by_torchrun() -> bool:
 
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
-    if preference not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device {preference!r}: expected auto, cpu or cuda")
+    if preference not in DEVICES:
+        raise ConfigError(f"device {preference!r}: expected one of {', '.join(DEVICES)}")
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine import config as engine_config
-from vistrain.engine.checkpointer import Checkpointer
+from vistrain.engine.checkpointer import Checkpointer, verify_on_main_rank
 from vistrain.engine.dist import DistContext, all_reduce_sum, any_rank, broadcast_object, gather_objects
 from vistrain.engine.images import save_png
 from vistrain.engine.loggers import LoggerGroup, build_loggers
@@ -140,17 +140,9 @@ class Trainer:
         self._peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.device, cfg.train.precision)
 
     def _read_resume_state(self, path: Path) -> dict:
-        """Verify the checkpoint (rank 0, every file against its checksum) and read its small train state."""
-        problem = None
-        if self.dist.is_main:
-            try:
-                ckpt_lib.verify_checkpoint(path)
-            except ckpt_lib.CheckpointError as err:
-                problem = str(err)
-        problem = broadcast_object(problem, self.dist)
-        if problem:
-            raise ckpt_lib.CheckpointError(f"{problem} {_RESUME_ADVICE}")
+        """Verify the checkpoint (every file against its checksum) and read its small train state."""
         try:
+            verify_on_main_rank(path, self.dist)
             state = ckpt_lib.load_train_state(path)
             saved_task = ckpt_lib.load_model_config(path).get("task")
         except ckpt_lib.CheckpointError as err:
