@@ -61,7 +61,8 @@ class AlreadyDone(Exception):
 
 class Trainer:
     def __init__(self, cfg: Any, build_task: Callable[[TaskEnv], Task], dist_ctx: DistContext):
-        """`cfg` has the engine's `run` and `train` sections (and the task's own, which only the task reads)."""
+        """`cfg` names its `task` and has the engine's `run` and `train` sections (and the task's own sections,
+        which only the task reads); `build_task` makes the task once the seed is set."""
         engine_config.validate(cfg.run, cfg.train)
         self.cfg = cfg
         self.dist = dist_ctx
