@@ -157,3 +157,20 @@ def test_activation_checkpointing_and_per_block_compile_train_like_the_plain_mod
     compiled = final("compiled", "toy.dropout=0.0", "train.compile=blocks", "train.activation_checkpointing=true")
     assert compiled.keys() == eager.keys()  # no _orig_mod / checkpoint-wrapper prefixes in the weights
     assert_close(eager, compiled)
+
+
+def test_a_network_frozen_in_one_phase_trains_in_the_next_under_fsdp(tmp_path, subprocess_env):
+    """The GAN's G runs under no_grad in D's phase and is trained in its own: FSDP must give it gradients
+    then (regression: the root's gathered parameters kept requires_grad=False and G trained only its blocks)."""
+    gan = [str(TESTS.parent / "configs" / "gan" / "digits.yaml"), "data.resolution=16",
+           "model.generator.base_channels=8", "model.discriminator.base_channels=8", "train.max_steps=4",
+           "train.ckpt_every=4", "train.eval_every=100", "gan.fd_samples=32", "gan.num_samples=16",
+           "data.num_workers=0", "train.batch_size=16", "gan.augment=''", "run.loggers=[]"]
+    for parallel in ("ddp", "fsdp"):
+        result = subprocess.run([sys.executable, "-m", "vistrain", "train", *gan, f"run.out_dir={tmp_path / parallel}",
+                                 f"train.parallel={parallel}"], env=subprocess_env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    ddp, fsdp = weights(tmp_path / "ddp", 4), weights(tmp_path / "fsdp", 4)
+    generator = [k for k in ddp if k.startswith("G.")]
+    assert_close({k: ddp[k] for k in generator}, {k: fsdp[k] for k in generator})

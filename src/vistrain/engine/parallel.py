@@ -79,7 +79,10 @@ class Parallel:
         for block in blocks:
             if block is not net:
                 fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(net, mesh=mesh, mp_policy=policy)
+        # The root too gives its parameters back after the forward (FSDP2 keeps a root's by default): each
+        # forward then gathers them anew and takes their current requires_grad. A network frozen in one phase
+        # (a GAN's G under no_grad while D trains) would otherwise stay gathered without gradients.
+        fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
         return net
 
     def views(self, trains: tuple[str, ...]) -> dict[str, nn.Module]:
