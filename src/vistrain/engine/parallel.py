@@ -5,7 +5,8 @@
     3. DDP, or FSDP2 per block and then the root  train.parallel: ddp | fsdp
 
 A model takes part by naming its repeated blocks in one attribute, `blocks` (an nn.ModuleList or
-nn.Sequential); nothing else in a model knows about parallelism. A network without `blocks` is treated as
+nn.Sequential, or a property listing submodules registered elsewhere); nothing else in a model knows about
+parallelism. A network without `blocks` is treated as
 one block. Frozen networks (a GAN's EMA copy, VAR's tokenizer) are left alone: no wrapper, no gradients.
 
 All three steps keep parameter names as they are (composable activation checkpointing, in-place
@@ -26,9 +27,10 @@ from vistrain.engine.dist import DistContext
 
 
 def blocks_of(module: nn.Module) -> list[nn.Module]:
-    """The repeated blocks a model names in `blocks`; the whole module when it names none."""
+    """The repeated blocks a model names in `blocks` (a ModuleList, a Sequential, or a plain list of its
+    submodules when they are registered under other names); the whole module when it names none."""
     blocks = getattr(module, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential, list, tuple)) and len(blocks) > 0:
         return list(blocks)
     return [module]
 

@@ -63,12 +63,16 @@ class Phase:
     same_data_as: Optional[str] = None
     every: int = 1  # run on steps where step % every == 0 (lazy regularisation)
     repeats: int = 1  # optimizer steps of this phase per training step (a GAN's dis_step / gen_step)
+    start: int = 0  # first step the phase runs at (an adversarial loss switched on later, say)
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.same_data_as is None):
             raise ValueError(f"phase {self.name!r}: give exactly one of `data` and `same_data_as`")
-        if self.every < 1 or self.repeats < 1:
-            raise ValueError(f"phase {self.name!r}: `every` and `repeats` must be at least 1")
+        if self.every < 1 or self.repeats < 1 or self.start < 0:
+            raise ValueError(f"phase {self.name!r}: `every` and `repeats` must be at least 1, `start` >= 0")
+
+    def runs_at(self, step: int) -> bool:
+        return step >= self.start and step % self.every == 0
 
 
 @dataclass

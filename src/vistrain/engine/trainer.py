@@ -264,7 +264,7 @@ class Trainer:
             self._schedule_values[f"lr/{name}"], self._schedule_values[f"wd/{name}"] = lr, wd
         data_s = 0.0
         for phase in self.task.phases:
-            if step % phase.every:
+            if not phase.runs_at(step):
                 continue
             for _ in range(phase.repeats):
                 t0 = time.perf_counter()
