@@ -18,6 +18,7 @@ USAGE_EXAMPLES = """examples:
   vistrain train configs/gan/digits.yaml train.max_steps=100 run.out_dir=runs/try
   torchrun --nproc_per_node=2 -m vistrain train configs/gan/digits.yaml
   vistrain sample runs/gan_digits --out grid.png --num 64 --labels 3,7
+  vistrain import var --vae vae_ch160v4096z32.pth --var var_d16.pth --out models/var_d16
 """
 MAX_GRID_IMAGES = 4096  # a .png grid beyond this is unreadable and huge; .npz is for many images
 
@@ -41,8 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--which", choices=("latest", "best"), default="latest",
                         help="for a run folder: which checkpoint to use")
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    imports = sub.add_parser("import", help="turn another project's weights into a vistrain model folder")
+    imports.add_argument("kind", choices=("var",), help="var: the official FoundationVision/VAR checkpoints")
+    imports.add_argument("--vae", required=True, help="the official tokenizer file, e.g. vae_ch160v4096z32.pth")
+    imports.add_argument("--var", required=True, help="the official transformer file, e.g. var_d16.pth")
+    imports.add_argument("--out", required=True, help="a new folder: config.json + model.safetensors")
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
+    if args.command == "import":
+        return run_import(parser.parse_args(argv))
     if args.command == "train":
         # Flags may stand anywhere, also between overrides (`train CONFIG --smoke a=1`): argparse then leaves
         # the overrides after the flag unparsed; they are overrides all the same.
@@ -52,6 +60,21 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
         return run_train(args)
     return run_sample(parser, sample, argv)
+
+
+def run_import(args) -> int:
+    from vistrain.engine.checkpoint import CheckpointError, write_model_folder
+    from vistrain.interop.var_official import OfficialFormatError, import_official
+
+    try:
+        model_config, weights = import_official(args.vae, args.var)
+        folder = write_model_folder(Path(args.out), weights, model_config)
+    except (OfficialFormatError, CheckpointError) as e:
+        return _fail(str(e), 2 if isinstance(e, OfficialFormatError) else 1)
+    depth = model_config["model"]["depth"]
+    print(f"imported VAR-d{depth} and its tokenizer into {folder}: sample with `vistrain sample {folder} --out x.png`, "
+          f"fine-tune with var.init={folder} var.tokenizer={folder}")
+    return 0
 
 
 def _fail(message: str, status: int, prefix: str = "") -> int:
@@ -137,7 +160,10 @@ def run_sample(parser: argparse.ArgumentParser, sample_parser: argparse.Argument
     if spec.sample is None:
         return _fail(f"task {spec.name!r} of {ckpt} cannot sample images", 2)
     for option in spec.sample_options:  # the task's own flags, now that the task is known
-        sample_parser.add_argument(option.flag, type=option.type, default=option.default, help=option.help)
+        if option.type is bool:
+            sample_parser.add_argument(option.flag, action="store_true", help=option.help)
+        else:
+            sample_parser.add_argument(option.flag, type=option.type, default=option.default, help=option.help)
     args = parser.parse_args(argv)
     try:
         request, out, device = _sample_request(args, spec)
@@ -145,7 +171,11 @@ def run_sample(parser: argparse.ArgumentParser, sample_parser: argparse.Argument
         return _fail(str(e), 2)
     try:
         weights = ckpt_lib.load_weights(ckpt)
-        written = _write_samples(spec.sample(model_config, weights, request, device), out, request.num)
+        columns = spec.grid_columns(model_config, request) if spec.grid_columns else None
+        count = spec.sample_count(model_config, request) if spec.sample_count else request.num
+        if out.suffix == ".png" and count > MAX_GRID_IMAGES:
+            raise ValueError(f"{count} images in a .png grid: at most {MAX_GRID_IMAGES}; write .npz for more")
+        written = _write_samples(spec.sample(model_config, weights, request, device), out, count, columns)
     except (ckpt_lib.CheckpointError, ValueError) as e:
         return _fail(_sample_message(e, args), 1)
     print(f"wrote {written} images from {ckpt} to {out}")
@@ -186,11 +216,11 @@ def _sample_request(args, spec):
     except Exception as e:
         raise ValueError(f"--device {args.device}: {e}") from None
     options = {option.flag.lstrip("-").replace("-", "_"): None for option in spec.sample_options}
-    options = {name: getattr(args, name) for name in options}
-    return SampleRequest(args.num, labels, args.seed, args.batch_size, options), out, device
+    request = SampleRequest(args.num, labels, args.seed, args.batch_size, {name: getattr(args, name) for name in options})
+    return request, out, device
 
 
-def _write_samples(chunks, out: Path, num: int) -> int:
+def _write_samples(chunks, out: Path, num: int, columns) -> int:
     """Write chunks of images as they come (.npz), or as one grid (.png); a progress bar on stderr."""
     import torch
     from tqdm import tqdm
@@ -213,7 +243,7 @@ def _write_samples(chunks, out: Path, num: int) -> int:
                 images.append(chunk)
                 written += len(chunk)
                 bar.update(len(chunk))
-            save_png(out, make_grid(torch.cat(images)))
+            save_png(out, make_grid(torch.cat(images), nrow=columns))
     finally:
         bar.close()
     return written

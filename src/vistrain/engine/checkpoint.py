@@ -248,20 +248,21 @@ def write_checkpoint_files(
     tmp: Path,
     weights: dict[str, Tensor],
     model_config: dict,
-    train_state: dict,
+    train_state: Optional[dict],
     metrics: Optional[dict[str, float]] = None,
 ) -> None:
     """Write the single-writer files of a checkpoint into `tmp` (rank 0's part).
 
     `weights`: flat state dict of all networks, keys already prefixed ("G.", "D.", "G_ema."), full tensors.
     `model_config`: JSON-serialisable dict, enough to rebuild the networks (config.json).
-    `train_state`: everything else needed to continue bit-for-bit. It is read back with
+    `train_state`: everything else needed to continue bit-for-bit (None for a model folder). It is read back with
     torch.load(weights_only=True), so it may hold only tensors, int, float, bool, str, bytes, None,
     torch.dtype / torch.device / torch.Size, and lists, tuples and dicts (str or int keys) of these.
     Anything else (numpy arrays or scalars, custom objects) raises TypeError here, naming the entry.
     `metrics`: optional {name: value}, written to metrics.json (update_best reads it).
     """
-    _check_weights_only(train_state, "train_state")
+    if train_state is not None:
+        _check_weights_only(train_state, "train_state")
     try:
         config_text = json.dumps(model_config, indent=2, sort_keys=True)
     except (TypeError, ValueError) as err:
@@ -272,7 +273,8 @@ def write_checkpoint_files(
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
     _fsync_path(tmp / MODEL_FILE)
     _write_file(tmp / CONFIG_FILE, lambda f: f.write(config_text + "\n"), mode="w")
-    _write_file(tmp / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))
+    if train_state is not None:  # a model folder (import, export) has none
+        _write_file(tmp / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))
     if metrics is not None:
         text = json.dumps({k: float(v) for k, v in metrics.items()}, indent=2, sort_keys=True)
         _write_file(tmp / METRICS_FILE, lambda f: f.write(text + "\n"), mode="w")
@@ -288,17 +290,45 @@ def _checksummed_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
+def _write_checksums(folder: Path) -> None:
+    """checksums.json over every file of `folder`, then fsync the folder tree: ready to be renamed."""
+    sums = {p.relative_to(folder).as_posix(): _sha256(p) for p in _checksummed_files(folder)}
+    _write_file(folder / CHECKSUMS_FILE, lambda f: f.write(json.dumps(sums, indent=2, sort_keys=True) + "\n"),
+                mode="w")
+    for sub in [p for p in folder.rglob("*") if p.is_dir()] + [folder]:
+        _fsync_path(sub)
+
+
+def write_model_folder(folder: Path, weights: dict[str, Tensor], model_config: dict) -> Path:
+    """A model folder for users and `vistrain sample` (imported or exported weights): model.safetensors,
+    config.json and checksums.json, appearing only when complete. Refuses a folder that is not empty."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise CheckpointError(f"{folder} already exists and is not an empty folder; choose a new --out")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f"{TMP_PREFIX}{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_checkpoint_files(tmp, weights, model_config, train_state=None)
+        _write_checksums(tmp)
+        if folder.exists():
+            folder.rmdir()  # empty, checked above
+        os.replace(tmp, folder)
+        _fsync_path(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def commit_checkpoint(root: Path, step: int) -> Path:
     """Checksum every file of the temporary folder, make it durable, rename it to `step_*`, move `latest`."""
     root = Path(root)
     tmp, name = tmp_dir(root, step), step_dir_name(step)
     final = root / name
     try:
-        sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in _checksummed_files(tmp)}
-        _write_file(tmp / CHECKSUMS_FILE, lambda f: f.write(json.dumps(sums, indent=2, sort_keys=True) + "\n"),
-                    mode="w")
-        for sub in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-            _fsync_path(sub)
+        _write_checksums(tmp)
         if final.exists():
             # A run restarted from an earlier checkpoint reached this step again. os.replace cannot overwrite
             # a non-empty folder: move the old one aside first. Between the two renames the step folder is

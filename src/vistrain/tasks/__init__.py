@@ -25,12 +25,12 @@ from vistrain.engine.task import Task, TaskEnv
 from vistrain.errors import ConfigError
 
 # Built-in task name -> module that registers it. Imported lazily so that `vistrain --help` stays fast.
-BUILTIN_TASKS = {"gan": "vistrain.tasks.gan"}
+BUILTIN_TASKS = {"gan": "vistrain.tasks.gan", "vqvae": "vistrain.tasks.vqvae", "var": "vistrain.tasks.var"}
 
 
 @dataclass(frozen=True)
 class SampleOption:
-    """A task-specific flag of `vistrain sample`, e.g. VAR's `--top-k`."""
+    """A task-specific flag of `vistrain sample`, e.g. VAR's `--top-k`; a bool type makes a switch."""
 
     flag: str
     type: type
@@ -49,7 +49,8 @@ class SampleRequest:
     options: dict[str, Any] = field(default_factory=dict)  # the task's own sample options, by dest name
 
 
-# sample(model_config, weights, request, device) -> chunks of images in [-1, 1], N x C x H x W, on the CPU
+# sample(model_config, weights, request, device) -> chunks of images in [-1, 1], N x C x H x W, on the CPU,
+# request.num images in all
 SampleFn = Callable[[dict, dict[str, Tensor], SampleRequest, Any], Iterator[Tensor]]
 
 
@@ -60,6 +61,11 @@ class TaskSpec:
     build: Callable[[Any, TaskEnv], Task]  # (config, env) -> the task the engine runs
     sample: Optional[SampleFn] = None
     sample_options: tuple[SampleOption, ...] = ()
+    # images per row of a .png from `vistrain sample` (model_config, request) -> int; None: a square grid
+    grid_columns: Optional[Callable[[dict, SampleRequest], int]] = None
+    # how many images `sample` yields for a request, when the task's own options decide (VAR's
+    # --num-per-class); None: request.num
+    sample_count: Optional[Callable[[dict, SampleRequest], int]] = None
     smoke_overrides: tuple[str, ...] = ()  # tiny shapes so `--smoke` checks a config in seconds
 
 

@@ -1,0 +1,341 @@
+"""VAR: class-conditional next-scale prediction on a frozen multi-scale VQ tokenizer.
+
+One phase, `main`: the tokenizer (loaded from its own run, `var.tokenizer`; not part of this run's
+checkpoints) turns each image into its token maps on the fly, the transformer predicts every scale from the
+ones before (teacher forcing), and the loss is the cross entropy over all tokens, reported per image (summed
+over the batch, counted in images) so that the engine's global-batch mean is VAR's mean. Progressive
+training (pg, pg0, pgwp) and the lr rule (base lr x global batch / 256) follow the reference.
+
+Teacher forcing encodes on the fly rather than from a pre-tokenised cache: random crops and flips then keep
+working, and the frozen encoder's forward is a small share of a training step (see README, VAR).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vistrain.config import ExperimentConfig
+from vistrain.data.config import ImageDataConfig
+from vistrain.data.loader import MicroBatchStream, build_image_dataset, check_enough_data
+from vistrain.data.sampler import StreamOrder
+from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine.images import make_grid
+from vistrain.engine.optim import OptimConfig
+from vistrain.engine.schedule import ScheduleConfig, warmup_length
+from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
+from vistrain.errors import ConfigError
+from vistrain.models.var import VAR, VARConfig
+from vistrain.models.vqvae import VQVAE
+from vistrain.tasks import SampleOption, SampleRequest, TaskSpec, register
+from vistrain.tasks.vqvae import load_vqvae
+
+# VAR's no-weight-decay names (besides biases, 1-D parameters, embeddings and norms, which never decay)
+NO_DECAY = ["pos_start", "pos_1LC", "lvl_embed", "scale_mul", "gamma", "beta", "ada_gss"]
+
+
+@dataclass
+class VARTrainConfig:
+    tokenizer: str = ""  # a vqvae run or checkpoint folder, or an imported VAR model folder (required)
+    init: Optional[str] = None  # start the transformer from a model folder or checkpoint (fine-tuning)
+    base_lr: float = 1e-4  # the peak lr is base_lr x train.batch_size / 256; optim.lr is set from it
+    label_smoothing: float = 0.0
+    pg: float = 0.0  # progressive training over this fraction of the run (0: off)
+    pg0: int = 4  # the scale index progressive training starts at
+    pgwp: float = 1 / 300  # the newest scale's loss weight ramps 0.01 -> 1 over this fraction of the run
+    sample_cfg: float = 1.5  # the eval grid's sampling: classifier-free guidance, top-k, top-p
+    sample_top_k: int = 900
+    sample_top_p: float = 0.96
+    num_samples: int = 40  # images in the eval grid (one column per class)
+    val_images: int = 1024  # at most this many val images for the val metrics
+
+
+def _var_optim() -> OptimConfig:
+    return OptimConfig(name="adamw", betas=[0.9, 0.95], weight_decay=0.05, no_decay=list(NO_DECAY),
+                       schedule=ScheduleConfig(name="lin0", warmup_frac=0.02, warmup_start_ratio=0.005,
+                                               end_ratio=0.01))
+
+
+@dataclass
+class VARExperimentConfig(ExperimentConfig):
+    task: str = "var"
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    model: VARConfig = field(default_factory=VARConfig)
+    var: VARTrainConfig = field(default_factory=VARTrainConfig)
+    optim: OptimConfig = field(default_factory=_var_optim)
+
+
+def load_tokenizer(path: str, device: torch.device) -> tuple[VQVAE, dict]:
+    """The frozen tokenizer of a vqvae run / checkpoint, or of an imported VAR model folder, and its config."""
+    if not path:
+        raise ConfigError("var.tokenizer is not set: point it at the run folder of a vqvae training "
+                          "(configs/vqvae/*.yaml) or at an imported VAR model folder (vistrain import var)")
+    try:
+        model_config = ckpt_lib.load_model_config(Path(path))
+        weights = ckpt_lib.load_weights(Path(path))
+    except ckpt_lib.CheckpointError as e:
+        raise ConfigError(f"var.tokenizer={path}: {e}") from None
+    kind = model_config.get("task")
+    if kind == "vqvae":
+        vae_config = model_config["model"]
+    elif kind == "var" and any(k.startswith("vae.") for k in weights):
+        vae_config = model_config["vae"]
+    else:
+        raise ConfigError(f"var.tokenizer={path} holds a {kind!r} model, not a tokenizer: give a vqvae run or an "
+                          "imported VAR model folder")
+    return load_vqvae(vae_config, weights, device), vae_config
+
+
+class VARTask(Task):
+    def __init__(self, cfg: VARExperimentConfig, env: TaskEnv):
+        self.cfg, self.env = cfg, env
+        self.device = env.dist.device
+        t = cfg.var
+        self.vae, vae_config = load_tokenizer(t.tokenizer, self.device)
+        self.vae_config = vae_config
+        self._check_shapes(cfg, vae_config)
+        self.train_set = build_image_dataset(cfg.data, "train")
+        self.val_set = build_image_dataset(cfg.data, "val")
+        check_enough_data(self.train_set, env.batch_size, f"the {cfg.data.name} training set")
+        var = VAR(cfg.model).to(self.device)
+        if t.init:
+            _load_transformer(var, t.init)
+        self.nets: dict[str, nn.Module] = {"var": var, "vae": self.vae}
+        self.trainable = ("var",)
+        self.external = ("vae",)  # loaded from its own run; not saved again in every VAR checkpoint
+        lr = t.base_lr * env.batch_size / 256
+        self.optimizers = {"main": OptimizerSpec("var", dataclasses.replace(cfg.optim, lr=lr))}
+        dist_ctx = env.dist
+        self.images = MicroBatchStream(self.train_set, StreamOrder(len(self.train_set), env.seed),
+                                       env.micro_batch_size, dist_ctx.rank, dist_ctx.world_size, cfg.data.num_workers)
+        self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.images)]
+        self.best_metric = ("Lt", "min")
+        patch_nums = cfg.model.patch_nums
+        self.L = sum(p * p for p in patch_nums)
+        self.ends = [sum(p * p for p in patch_nums[: i + 1]) for i in range(len(patch_nums))]  # token end per scale
+        n_params = sum(p.numel() for p in var.parameters())
+        C = 64 * cfg.model.depth
+        # 6N per token for the matmuls (forward + backward), plus attention over L keys (as torchtitan counts it)
+        self.flops_per_token = 6 * n_params + 12 * cfg.model.depth * C * self.L
+        self.step = 0
+
+    @staticmethod
+    def _check_shapes(cfg: VARExperimentConfig, vae_config: dict) -> None:
+        pairs = [("model.vocab_size", cfg.model.vocab_size, "vocab_size"),
+                 ("model.z_channels", cfg.model.z_channels, "z_channels"),
+                 ("model.patch_nums", list(cfg.model.patch_nums), "patch_nums"),
+                 ("data.channels", cfg.data.channels, "in_channels")]
+        for key, mine, theirs in pairs:
+            if mine != vae_config[theirs]:
+                raise ConfigError(f"{key}={mine} does not match the tokenizer's {theirs}={vae_config[theirs]} "
+                                  f"(var.tokenizer={cfg.var.tokenizer})")
+        latent = vae_config["patch_nums"][-1] * 2 ** (len(vae_config["ch_mult"]) - 1)
+        if cfg.data.resolution != latent:
+            raise ConfigError(f"data.resolution={cfg.data.resolution}, but the tokenizer encodes {latent} px images")
+
+    # ------------------------------------------------------------------------------------- progressive
+
+    def progressive_scale(self, step: int) -> int:
+        """The last scale trained at `step` (-1: all), as the reference grows it from pg0 over pg of the run."""
+        t, last = self.cfg.var, len(self.cfg.model.patch_nums) - 1
+        if t.pg <= 0:
+            return -1
+        max_steps = self.env.max_steps
+        warmup = warmup_length(self.cfg.optim.schedule, max_steps)
+        end = max_steps * t.pg
+        if step <= warmup:
+            si = t.pg0
+        elif step >= end:
+            si = last
+        else:
+            si = t.pg0 + round(min(max((step - warmup) / max(end - warmup, 1), 0.0), 1.0) * (last - t.pg0))
+        return -1 if si >= last else si
+
+    def _newest_scale_weight(self, step: int, si: int) -> float:
+        """The loss weight of the newest scale: 0.01 -> 1 over pgwp of the run since that scale arrived."""
+        if si < 0 or si == self.cfg.var.pg0:  # no ramp without progression, nor in the first stage
+            return 1.0
+        # the scale index grows monotonically until it reaches `si`: binary-search the step it arrived at
+        since = step - bisect.bisect_left(range(step + 1), si, key=self.progressive_scale)
+        ramp = max(1, round(self.cfg.var.pgwp * self.env.max_steps))
+        return max(min(since / ramp, 1.0), 0.01)
+
+    # ----------------------------------------------------------------------------------------- loss
+
+    @torch.no_grad()
+    def teacher_forcing(self, image_BCHW: Tensor) -> tuple[Tensor, Tensor]:
+        """Targets (B, L) and transformer inputs (B, L - 1, Cvae) of a batch, from the frozen tokenizer."""
+        idx_list = self.vae.img_to_idx(image_BCHW.float())
+        return torch.cat(idx_list, dim=1), self.vae.quantize.idx_to_var_input(idx_list)
+
+    def loss(self, nets, batch) -> PhaseLoss:
+        gt_BL, x_BLCv = self.teacher_forcing(batch["image"])
+        label_B = batch["label"]
+        B = gt_BL.shape[0]
+        si = self.progressive_scale(self.step)
+        ed = self.ends[si] if si >= 0 else self.L
+        logits_BLV = nets["var"](label_B, x_BLCv[:, : ed - 1], prog_si=si).float()
+        gt_BL = gt_BL[:, :ed]
+        ce_BL = F.cross_entropy(logits_BLV.transpose(1, 2), gt_BL, reduction="none",
+                                label_smoothing=self.cfg.var.label_smoothing)
+        # Every token weighs 1/L (so a sample's loss is its mean CE); the newest scale ramps in when progressive.
+        weight_L = torch.full((ed,), 1.0 / self.L, device=ce_BL.device)
+        if si >= 0:
+            begin = self.ends[si - 1] if si > 0 else 0
+            weight_L[begin:ed] *= self._newest_scale_weight(self.step, si)
+        loss_B = (ce_BL * weight_L).sum(1)
+        metrics = self._token_metrics(logits_BLV.detach(), gt_BL, full=si < 0)
+        return PhaseLoss(loss_B.sum(), count=B, metrics=metrics, samples=B, tokens=B * ed)
+
+    def _token_metrics(self, logits_BLV: Tensor, gt_BL: Tensor, full: bool) -> dict[str, Tensor]:
+        """VAR's Lm, Accm (all tokens), Lt, Acct (the last scale) and per-scale ones, summed over samples."""
+        ce_BL = F.cross_entropy(logits_BLV.transpose(1, 2), gt_BL, reduction="none")
+        hit_BL = (logits_BLV.argmax(-1) == gt_BL).float() * 100
+        metrics = {"Lm": ce_BL.mean(1).sum(), "Accm": hit_BL.mean(1).sum()}
+        begin = 0
+        for si, end in enumerate(self.ends[: len(self.ends) if full else None]):
+            if end > gt_BL.shape[1]:
+                break
+            metrics[f"loss/scale_{si}"] = ce_BL[:, begin:end].mean(1).sum()
+            metrics[f"acc/scale_{si}"] = hit_BL[:, begin:end].mean(1).sum()
+            begin = end
+        if full:
+            last = self.ends[-2]
+            metrics["Lt"] = ce_BL[:, last:].mean(1).sum()
+            metrics["Acct"] = hit_BL[:, last:].mean(1).sum()
+        return metrics
+
+    def on_step_end(self, step: int) -> None:
+        self.step = step
+
+    # ------------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> EvalResult:
+        """Teacher-forced val metrics (no label dropout) over every rank's shard, and a class-conditional grid.
+
+        Every rank takes part: under FSDP the transformer's forward is a collective.
+        """
+        var = self.nets["var"]
+        was_training = var.training
+        var.eval()
+        rank, world = self.env.dist.rank, self.env.dist.world_size
+        n = min(len(self.val_set), self.cfg.var.val_images)
+        sums: dict[str, Tensor] = {}
+        mine = list(range(rank, n, world))
+        for start in range(0, max(len(mine), 1), 64):
+            items = [self.val_set[i] for i in mine[start:start + 64]] or [self.val_set[0]]  # same calls per rank
+            weight = 1.0 if mine[start:start + 64] else 0.0
+            image = torch.stack([item["image"] for item in items]).to(self.device)
+            label = torch.stack([item["label"] for item in items]).to(self.device)
+            gt_BL, x_BLCv = self.teacher_forcing(image)
+            logits = var(label, x_BLCv).float()
+            for key, value in self._token_metrics(logits, gt_BL, full=True).items():
+                sums[key] = sums.get(key, 0.0) + value * weight
+        keys = sorted(sums)
+        total = torch.stack([torch.as_tensor(sums[k], device=self.device, dtype=torch.float32) for k in keys])
+        if dist.is_initialized() and world > 1:
+            dist.all_reduce(total)
+        metrics = {k: float(v) / n for k, v in zip(keys, total.tolist())}
+        grid = self._sample_grid(var)
+        var.train(was_training)
+        return EvalResult(metrics=metrics, images={"samples": grid} if self.env.dist.is_main else {})
+
+    def _sample_grid(self, var: nn.Module):
+        t = self.cfg.var
+        classes = self.cfg.model.num_classes
+        label_B = (torch.arange(t.num_samples) % classes).to(self.device)
+        generator = torch.Generator(self.device).manual_seed(1234)
+        f_hat = var.generate(self.vae, label_B, cfg=t.sample_cfg, top_k=t.sample_top_k, top_p=t.sample_top_p,
+                             generator=generator)
+        return make_grid(self.vae.fhat_to_img(f_hat).float().cpu(), nrow=min(classes, t.num_samples))
+
+    # ---------------------------------------------------------------------------------- state, export
+
+    def model_config(self) -> dict:
+        return {"task": "var", "model": dataclasses.asdict(self.cfg.model), "vae": self.vae_config,
+                "tokenizer": str(Path(self.cfg.var.tokenizer).resolve())}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "images": self.images.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.images.load_state_dict(state["images"])
+
+
+def _load_transformer(var: VAR, path: str) -> None:
+    try:
+        weights = ckpt_lib.load_weights(Path(path))
+    except ckpt_lib.CheckpointError as e:
+        raise ConfigError(f"var.init={path}: {e}") from None
+    own = {k[len("var."):]: v for k, v in weights.items() if k.startswith("var.")}
+    try:
+        var.load_state_dict(own, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"var.init={path} does not fit model.* of this config: {' '.join(str(e).split())[:400]}") from None
+
+
+def load_transformer(model_config: dict, weights: dict[str, Tensor], device: torch.device) -> VAR:
+    var = VAR(VARConfig(**model_config["model"]))
+    var.load_state_dict({k[len("var."):]: v for k, v in weights.items() if k.startswith("var.")}, strict=True)
+    return var.to(device).eval().requires_grad_(False)
+
+
+def sample_labels(model_config: dict, request: SampleRequest) -> Tensor:
+    """The class of every requested image: --num-per-class K gives K of each class in turn, else --labels cycle."""
+    classes = model_config["model"]["num_classes"]
+    per_class = request.options.get("num_per_class") or 0
+    if per_class:
+        return torch.arange(classes).repeat_interleave(per_class)
+    if request.labels:
+        bad = [c for c in request.labels if not 0 <= c < classes]
+        if bad:
+            raise ValueError(f"--labels {bad} out of range: this model has classes 0..{classes - 1}")
+        return torch.tensor(request.labels)[torch.arange(request.num) % len(request.labels)]
+    return torch.arange(request.num) % classes
+
+
+def sample(model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
+           device: torch.device) -> Iterator[Tensor]:
+    """Class-conditional images with CFG, top-k / top-p and a KV cache, in chunks of --batch-size."""
+    var = load_transformer(model_config, weights, device)
+    if any(k.startswith("vae.") for k in weights):  # an imported model folder carries its tokenizer
+        vae = load_vqvae(model_config["vae"], weights, device)
+    else:
+        vae = load_tokenizer(model_config["tokenizer"], device)[0]
+    labels = sample_labels(model_config, request)
+    options = request.options
+    generator = torch.Generator(device).manual_seed(request.seed)
+    with torch.no_grad():
+        for start in range(0, len(labels), request.batch_size):
+            label_B = labels[start:start + request.batch_size].to(device)
+            f_hat = var.generate(vae, label_B, cfg=options["cfg"], top_k=options["top_k"], top_p=options["top_p"],
+                                 more_smooth=options["more_smooth"], generator=generator)
+            yield vae.fhat_to_img(f_hat).float().cpu()
+
+
+register(TaskSpec(
+    name="var", config=VARExperimentConfig, build=VARTask, sample=sample,
+    sample_count=lambda model_config, request: len(sample_labels(model_config, request)),
+    sample_options=(
+        SampleOption("--cfg", float, 1.5, "classifier-free guidance at the last scale (ramps up from 0)"),
+        SampleOption("--top-k", int, 900, "sample among the k most likely codes (0 = off, 1 = greedy)"),
+        SampleOption("--top-p", float, 0.96, "nucleus sampling mass (0 = off)"),
+        SampleOption("--more-smooth", bool, False, "the reference's smooth Gumbel option (for visuals, not FID)"),
+        SampleOption("--num-per-class", int, 0, "K images of every class (a class-balanced set; sets --num)"),
+    ),
+    grid_columns=lambda model_config, request: min(model_config["model"]["num_classes"], 10),
+    smoke_overrides=("model.depth=2", "var.num_samples=4", "var.val_images=16", "var.sample_top_k=0",
+                     "var.sample_top_p=0.0"),
+))
+

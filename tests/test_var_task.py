@@ -1,0 +1,125 @@
+"""VAR on the engine: the tokenizer trains, the transformer trains on it from its run, both resume exactly,
+sample, and the shipped recipes build with the reference's parameter counts."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vistrain import cli
+from vistrain.config import load_config
+from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine.dist import DistContext
+from vistrain.models.var import VAR
+from vistrain.models.vqvae import VQVAE, VQVAEConfig
+from vistrain.tasks import make_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+TINY_DATA = ["data.resolution=16", "data.num_workers=0", "train.batch_size=16", "run.loggers=[jsonl]"]
+TINY_VQVAE = [*TINY_DATA, "model.ch=32", "model.ch_mult=[1,2,2]", "model.num_res_blocks=1", "model.vocab_size=64",
+              "model.z_channels=8", "model.patch_nums=[1,2,4]", "vqvae.num_samples=4", "vqvae.val_images=32",
+              "vqvae.restart_every=5"]
+TINY_VAR = [*TINY_DATA, "model.depth=2", "model.vocab_size=64", "model.z_channels=8", "model.patch_nums=[1,2,4]",
+            "var.num_samples=4", "var.val_images=32", "var.sample_top_k=0", "var.sample_top_p=0.0"]
+
+
+def vistrain(*args) -> int:
+    return cli.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("vqvae") / "run"
+    cfg = load_config(REPO / "configs/vqvae/digits.yaml", [
+        *TINY_VQVAE, f"run.out_dir={run}", "train.max_steps=20", "train.eval_every=20", "train.ckpt_every=20"])
+    make_trainer(cfg, CPU).fit()
+    return run
+
+
+def var_config(out_dir, tokenizer, *overrides):
+    return load_config(REPO / "configs/var/digits.yaml", [
+        *TINY_VAR, f"run.out_dir={out_dir}", f"var.tokenizer={tokenizer}", "train.max_steps=8",
+        "train.eval_every=8", "train.ckpt_every=4", "train.log_every=4", "train.keep_last=0", *overrides])
+
+
+def test_the_tokenizer_trains_logs_its_health_and_shows_reconstructions(tokenizer_run):
+    import json
+
+    events = [json.loads(line) for line in (tokenizer_run / "metrics.jsonl").read_text().splitlines()]
+    val = [e for e in events if e["split"] == "val"][-1]
+    assert 0 < val["psnr"] < 100 and val["rec_loss"] > 0 and val["perplexity"] >= 1
+    assert all(0 < val[f"usage/scale_{si}"] <= 100 for si in range(3))
+    train = [e for e in events if e["split"] == "train"]
+    assert {"rec_loss", "vq_loss", "samples_per_s"} <= set(train[-1])
+    grid = np.asarray(Image.open(tokenizer_run / "samples" / "step_00000020.png"))
+    assert grid.shape[1] > grid.shape[0]  # images beside their reconstructions: wider than tall
+    model_config = ckpt_lib.load_model_config(tokenizer_run)  # enough to rebuild the tokenizer alone
+    expected = VQVAE(VQVAEConfig(**model_config["model"])).state_dict()
+    assert set(ckpt_lib.load_weights(tokenizer_run)) == {f"vae.{k}" for k in expected}
+
+
+def test_var_trains_from_the_tokenizer_run_resumes_exactly_and_keeps_the_tokenizer_out(tokenizer_run, tmp_path):
+    make_trainer(var_config(tmp_path / "a", tokenizer_run), CPU).fit()
+    weights = ckpt_lib.load_weights(tmp_path / "a")
+    assert weights and all(k.startswith("var.") for k in weights)  # the frozen tokenizer is not saved again
+    middle = tmp_path / "a" / "checkpoints" / "step_00000004"
+    make_trainer(var_config(tmp_path / "b", tokenizer_run, f"run.resume={middle}"), CPU).fit()
+    resumed = ckpt_lib.load_weights(tmp_path / "b")
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+    import json
+
+    events = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if e["split"] == "train"][-1]
+    assert {"Lm", "Lt", "Accm", "Acct", "loss/scale_0", "acc/scale_2", "tokens_per_s"} <= set(train)
+    assert train["tokens_per_s"] == pytest.approx(21 * train["samples_per_s"])  # 1 + 4 + 16 tokens per image
+    val = [e for e in events if e["split"] == "val"][-1]
+    assert {"Lm", "Lt", "Accm", "Acct"} <= set(val)
+    assert (tmp_path / "a" / "checkpoints" / "best").exists()  # chosen by val Lt
+
+    out = tmp_path / "balanced.npz"
+    assert vistrain("sample", tmp_path / "a", "--out", out, "--num-per-class", 2, "--top-k", 5, "--seed", 3) == 0
+    arr = np.load(out)["arr_0"]
+    assert arr.shape == (20, 16, 16, 3) and arr.dtype == np.uint8
+    again = tmp_path / "again.npz"
+    assert vistrain("sample", tmp_path / "a", "--out", again, "--num-per-class", 2, "--top-k", 5, "--seed", 3) == 0
+    assert np.array_equal(np.load(again)["arr_0"], arr)  # a seed fixes the samples
+
+
+def test_tokenizer_mismatches_are_named(tokenizer_run, tmp_path, capsys):
+    assert vistrain("train", REPO / "configs/var/digits.yaml", *TINY_VAR, f"run.out_dir={tmp_path / 'x'}",
+                    f"var.tokenizer={tokenizer_run}", "model.vocab_size=128") == 2
+    assert "model.vocab_size=128 does not match the tokenizer's vocab_size=64" in capsys.readouterr().err
+    assert vistrain("train", REPO / "configs/var/digits.yaml", *TINY_VAR, f"run.out_dir={tmp_path / 'y'}",
+                    "var.tokenizer=") == 2
+    assert "var.tokenizer is not set" in capsys.readouterr().err
+
+
+def test_vqvae_sample_writes_images_beside_reconstructions(tokenizer_run, tmp_path):
+    out = tmp_path / "pairs.npz"
+    assert vistrain("sample", tokenizer_run, "--out", out, "--num", 6) == 0
+    arr = np.load(out)["arr_0"]
+    assert arr.shape == (6, 16, 16, 3)
+
+
+REFERENCE_PARAMS = {16: 310_283_520, 20: 600_917_136, 24: 1_033_399_360, 30: 2_010_020_356}
+
+
+@pytest.mark.parametrize("depth", sorted(REFERENCE_PARAMS))
+def test_imagenet_recipes_build_with_the_reference_parameter_counts(depth):
+    cfg = load_config(REPO / f"configs/var/imagenet256_d{depth}.yaml")
+    with torch.device("meta"):
+        var = VAR(cfg.model)
+    assert sum(p.numel() for p in var.parameters()) == REFERENCE_PARAMS[depth]
+    assert cfg.train.parallel == ("fsdp" if depth == 30 else "ddp")
+    assert cfg.train.activation_checkpointing == (depth == 30)
+
+
+def test_the_tokenizer_recipe_has_the_official_shapes():
+    cfg = load_config(REPO / "configs/vqvae/imagenet256.yaml")
+    with torch.device("meta"):
+        vae = VQVAE(cfg.model)
+    assert sum(p.numel() for p in vae.parameters()) == 108_948_355
