@@ -6,18 +6,17 @@ very same code can run in a test: ch=32, V=64, Cvae=8, 128 px images (8 x 8 late
 which makes the 4 shared phi convs serve scales [0, 0, 1, 2, 3, 3]. Its weights are made here from a
 seed, by key name, so that only the outputs need storing (tests/data/var_vae_golden.safetensors).
 
-Regenerate (needs the original source tree, e.g. a checkout of VAR @ 78b9539, and nothing of ours):
-
-    PYTHONPATH=tests python tests/var_vae_golden.py /path/to/VAR [/path/to/stubs]
-
-The training forward of the original needs torch.distributed (it calls get_world_size); the script
-starts a one-process gloo group for it.
+The golden file was made once, outside this repository, by running the original code (VAR @ 78b9539) on
+these weights and images: quant_conv(encoder(img)) as `f`; img_to_idxBl -> `idx.{si}`; the cumulative
+f_hat of f_to_idxBl_or_fhat -> `fhat.{si}`; idxBl_to_var_input -> `var_input`; idxBl_to_img (last one,
+every 8th pixel) -> `idx_to_img`; and in training mode (it needs a one-process gloo group), the
+reconstruction (every 8th pixel), vq_loss and the gradients of GRAD_KEYS for mse(recon, img) + vq_loss.
+No code of the original is kept here.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import zlib
 from pathlib import Path
 
@@ -70,54 +69,3 @@ def images() -> torch.Tensor:
 def subsample(img_BCHW: torch.Tensor) -> torch.Tensor:
     """Every 8th pixel: enough to catch a wrong operation, small enough to store."""
     return img_BCHW[:, :, ::8, ::8].contiguous()
-
-
-def main(var_root: str, stubs: str | None = None) -> None:  # pragma: no cover - run by hand
-    import os
-
-    import torch.distributed as tdist
-    from safetensors.torch import save_file
-
-    sys.path[:0] = [var_root] + ([stubs] if stubs else [])
-    from models.vqvae import VQVAE as OfficialVQVAE  # the original project
-
-    vae = OfficialVQVAE(vocab_size=SMALL["vocab_size"], z_channels=SMALL["z_channels"], ch=SMALL["ch"],
-                        share_quant_resi=SMALL["share_quant_resi"], v_patch_nums=tuple(SMALL["patch_nums"]),
-                        test_mode=False)
-    shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items() if k != "quantize.ema_vocab_hit_SV"}
-    vae.load_state_dict({**official_weights(shapes), "quantize.ema_vocab_hit_SV": vae.quantize.ema_vocab_hit_SV})
-    vae.eval()
-    img = images()
-    out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        f = vae.quant_conv(vae.encoder(img))
-        idx = vae.img_to_idxBl(img)
-        fhats = vae.quantize.f_to_idxBl_or_fhat(f, to_fhat=True)
-        out["f"] = f
-        for si, (i, fh) in enumerate(zip(idx, fhats)):
-            out[f"idx.{si}"] = i
-            out[f"fhat.{si}"] = fh
-        out["var_input"] = vae.quantize.idxBl_to_var_input(idx)
-        out["idx_to_img"] = subsample(vae.idxBl_to_img(idx, same_shape=True, last_one=True))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    tdist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        vae.train()
-        recon, _, vq_loss = vae(img)
-        loss = (recon - img).square().mean() + vq_loss
-        loss.backward()
-    finally:
-        tdist.destroy_process_group()
-    params = dict(vae.named_parameters())
-    out["train.recon"] = subsample(recon.detach())
-    out["train.vq_loss"] = vq_loss.detach().reshape(1)
-    for k in GRAD_KEYS:
-        out[f"grad.{k}"] = params[k].grad
-    GOLDEN.parent.mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, str(GOLDEN))
-    print(f"wrote {GOLDEN}: {len(out)} tensors")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main(*sys.argv[1:])
