@@ -46,6 +46,7 @@ class StubTokenizer(nn.Module):
         super().__init__()
         self.patch_nums = patch_nums
         self.quantize = _Quantize()
+        self.quantize.next_input = self.next_input  # generate() asks the quantizer, as models/vqvae.py has it
         self.handed_out: list[torch.Tensor] = []  # the next-scale inputs given to generate()
 
     def next_input(self, si, f_hat_BChw, h_BChw):

@@ -114,13 +114,11 @@ class VARConfig:
 
 
 class VARTokenizer(Protocol):
-    """What generate() needs of the multi-scale VQ tokenizer (models/vqvae.py)."""
+    """What generate() needs of the multi-scale VQ tokenizer (models/vqvae.py): its quantizer, which has
+    `embedding` (nn.Embedding(vocab_size, z_channels)) and `next_input(si, f_hat_BChw, h_BChw) -> (f_hat,
+    next_BChw)` -- add scale si's code map to f_hat, return it and the next scale's input."""
 
-    quantize: nn.Module  # with .embedding: nn.Embedding(vocab_size, z_channels)
-
-    def next_input(self, si: int, f_hat_BChw: Tensor, h_BChw: Tensor) -> tuple[Tensor, Tensor]:
-        """Add scale si's code map h to f_hat; return f_hat and the next scale's input (f_hat at that size)."""
-        ...
+    quantize: nn.Module
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -514,7 +512,7 @@ class VAR(nn.Module):
                 else:
                     h_BlCv = codebook_VCv[idx_Bl]
                 h_BChw = h_BlCv.transpose(1, 2).reshape(B, Cv, pn, pn)
-                f_hat_BChw, next_BChw = tokenizer.next_input(si, f_hat_BChw, h_BChw)
+                f_hat_BChw, next_BChw = tokenizer.quantize.next_input(si, f_hat_BChw, h_BChw)
                 if si != SN - 1:
                     bg, ed = self.begin_ends[si + 1]
                     next_BlCv = next_BChw.reshape(B, Cv, -1).transpose(1, 2)

@@ -45,7 +45,7 @@ NO_DECAY = ["pos_start", "pos_1LC", "lvl_embed", "scale_mul", "gamma", "beta", "
 
 @dataclass
 class VARTrainConfig:
-    tokenizer: str = ""  # a vqvae run or checkpoint folder, or an imported VAR model folder (required)
+    tokenizer: Optional[str] = None  # a vqvae run or checkpoint folder, or an imported VAR model folder (required)
     init: Optional[str] = None  # start the transformer from a model folder or checkpoint (fine-tuning)
     base_lr: float = 1e-4  # the peak lr is base_lr x train.batch_size / 256; optim.lr is set from it
     label_smoothing: float = 0.0
@@ -74,7 +74,7 @@ class VARExperimentConfig(ExperimentConfig):
     optim: OptimConfig = field(default_factory=_var_optim)
 
 
-def load_tokenizer(path: str, device: torch.device) -> tuple[VQVAE, dict]:
+def load_tokenizer(path: Optional[str], device: torch.device) -> tuple[VQVAE, dict]:
     """The frozen tokenizer of a vqvae run / checkpoint, or of an imported VAR model folder, and its config."""
     if not path:
         raise ConfigError("var.tokenizer is not set: point it at the run folder of a vqvae training "

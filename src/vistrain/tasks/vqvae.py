@@ -83,9 +83,12 @@ class VQVAEExperimentConfig(ExperimentConfig):
     optim: VQVAEOptimConfig = field(default_factory=VQVAEOptimConfig)
 
 
-def build_vqvae(model: VQVAEConfig, channels: int) -> VQVAE:
-    """The tokenizer for images of `channels` channels (the data decides, not the model section)."""
-    return VQVAE(dataclasses.replace(model, in_channels=channels))
+def build_vqvae(model: VQVAEConfig, data: ImageDataConfig) -> VQVAE:
+    """The tokenizer for the data's images: their channels decide in_channels, their size is checked."""
+    try:
+        return VQVAE(dataclasses.replace(model, in_channels=data.channels), resolution=data.resolution)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("vqvae.", "model.")) from None
 
 
 class VQVAETask(Task):
@@ -104,7 +107,7 @@ class VQVAETask(Task):
         self.train_set = build_image_dataset(cfg.data, "train")
         self.val_set = build_image_dataset(cfg.data, "val")
         check_enough_data(self.train_set, env.batch_size, f"the {cfg.data.name} training set")
-        vae = build_vqvae(cfg.model, cfg.data.channels).to(self.device)
+        vae = build_vqvae(cfg.model, cfg.data).to(self.device)
         self.nets: dict[str, nn.Module] = {"vae": vae}
         self.trainable = ("vae",)
         self.optimizers = {"ae": OptimizerSpec("vae", cfg.optim.ae)}
@@ -127,7 +130,7 @@ class VQVAETask(Task):
         self.step = 0
         V = cfg.model.vocab_size
         self.hits_V = torch.zeros(V, device=self.device)  # code uses since the last restart check
-        self._features: Optional[Tensor] = None  # encoder features of the last micro-batch: restart candidates
+        self._last_images: Optional[Tensor] = None  # the last micro-batch: its features are restart candidates
 
     # ----------------------------------------------------------------------------------------- phases
 
@@ -140,7 +143,7 @@ class VQVAETask(Task):
         t = self.cfg.vqvae
         real_BCHW = batch["image"]
         B = real_BCHW.shape[0]
-        recon_BCHW, vq_loss, idx_list, f_BChw = nets["vae"](real_BCHW)
+        recon_BCHW, vq_loss, idx_list = nets["vae"](real_BCHW)
         rec_B = self._recon_per_image(recon_BCHW, real_BCHW)
         metrics = {"rec_loss": rec_B.sum(), "vq_loss": vq_loss.detach() * B}
         loss_B = rec_B + t.vq_weight * vq_loss
@@ -158,7 +161,7 @@ class VQVAETask(Task):
         with torch.no_grad():
             for idx_Bl in idx_list:
                 self.hits_V += torch.bincount(idx_Bl.flatten(), minlength=self.hits_V.numel())
-            self._features = f_BChw.detach().permute(0, 2, 3, 1).reshape(-1, f_BChw.shape[1])
+            self._last_images = real_BCHW
         return PhaseLoss(loss_B.sum(), count=B, metrics=metrics, samples=B)
 
     def _adaptive_weight(self, nll: Tensor, g_loss: Tensor) -> Tensor:
@@ -192,10 +195,13 @@ class VQVAETask(Task):
             dist.all_reduce(hits_V)
         dead_V = hits_V == 0
         n_dead = int(dead_V.sum())
-        if n_dead and self._features is not None:
-            embedding = self.nets["vae"].quantize.embedding.weight
-            pick = torch.randint(0, len(self._features), (n_dead,), device=self._features.device)
-            new_NC = self._features[pick].to(embedding.dtype)
+        if n_dead and self._last_images is not None:
+            vae = self.nets["vae"]
+            f_BChw = vae.encode(self._last_images.float())
+            features_NC = f_BChw.permute(0, 2, 3, 1).reshape(-1, f_BChw.shape[1])
+            embedding = vae.quantize.embedding.weight
+            pick = torch.randint(0, len(features_NC), (n_dead,), device=features_NC.device)
+            new_NC = features_NC[pick].to(embedding.dtype)
             if dist.is_initialized() and self.env.dist.world_size > 1:
                 dist.broadcast(new_NC, src=0)
             embedding[dead_V] = new_NC
