@@ -123,3 +123,32 @@ def test_the_tokenizer_recipe_has_the_official_shapes():
     with torch.device("meta"):
         vae = VQVAE(cfg.model)
     assert sum(p.numel() for p in vae.parameters()) == 108_948_355
+
+
+def test_the_tokenizer_trains_with_perceptual_and_adversarial_losses(tmp_path, capsys):
+    """LPIPS from local files (random here: the shapes are what matters) and a discriminator switched on later."""
+    from vistrain.models.lpips import LPIPS
+
+    lpips = LPIPS()
+    torch.save({f"features.{k}": v for k, v in lpips.features.state_dict().items()}, tmp_path / "vgg16.pth")
+    torch.save({f"lin{i}.model.1.weight": lin.weight for i, lin in enumerate(lpips.lins)}, tmp_path / "lin.pth")
+    run = tmp_path / "run"
+    args = ["train", REPO / "configs/vqvae/digits.yaml", *TINY_VQVAE, f"run.out_dir={run}", "train.max_steps=4",
+            "train.eval_every=4", "train.ckpt_every=4", "train.log_every=1", "vqvae.perceptual.weight=1.0",
+            f"vqvae.perceptual.vgg={tmp_path / 'vgg16.pth'}", f"vqvae.perceptual.lin={tmp_path / 'lin.pth'}",
+            "vqvae.adversarial.weight=0.5", "vqvae.adversarial.start=2",
+            "vqvae.adversarial.discriminator.base_channels=8"]
+    assert vistrain(*args) == 0
+    import json
+
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = {e["step"]: e for e in events if e["split"] == "train"}
+    assert "lpips" in train[1] and "g_loss" not in train[2] and "d_loss" not in train[2]
+    assert {"g_loss", "adv_weight", "d_loss"} <= set(train[3])  # from step 2 (the third) on
+    weights = ckpt_lib.load_weights(run)
+    assert any(k.startswith("D.") for k in weights) and not any(k.startswith("lpips.") for k in weights)
+
+    missing = ["train", REPO / "configs/vqvae/digits.yaml", *TINY_VQVAE, f"run.out_dir={tmp_path / 'bad'}",
+               "vqvae.perceptual.weight=1.0", f"vqvae.perceptual.vgg={tmp_path / 'nope.pth'}"]
+    assert vistrain(*missing) == 2
+    assert f"vqvae.perceptual.vgg={tmp_path / 'nope.pth'}: no such file" in capsys.readouterr().err

@@ -111,7 +111,11 @@ class VQVAETask(Task):
         self.trainable = ("vae",)
         self.optimizers = {"ae": OptimizerSpec("vae", cfg.optim.ae)}
         if t.perceptual.weight > 0:
-            self.nets["lpips"] = load_lpips(t.perceptual.vgg, t.perceptual.lin, "vqvae.perceptual").to(self.device)
+            try:
+                lpips = load_lpips(t.perceptual.vgg, t.perceptual.lin, "vqvae.perceptual")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            self.nets["lpips"] = lpips.to(self.device)
             self.external = ("lpips",)  # its own weights file, not part of this run
         dist_ctx = env.dist
         self.images = MicroBatchStream(self.train_set, StreamOrder(len(self.train_set), env.seed),
