@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     imports.add_argument("--vae", required=True, help="the official tokenizer file, e.g. vae_ch160v4096z32.pth")
     imports.add_argument("--var", required=True, help="the official transformer file, e.g. var_d16.pth")
     imports.add_argument("--out", required=True, help="a new folder: config.json + model.safetensors")
+    imports.add_argument("--patch-nums", default=None,
+                         help="comma-separated scale sizes, e.g. 1,2,3,4,5,6,8,10,13,16: needed only when the "
+                              "transformer's shapes do not tell them (the released models' are known)")
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
     if args.command == "import":
@@ -66,8 +69,14 @@ def run_import(args) -> int:
     from vistrain.engine.checkpoint import CheckpointError, write_model_folder
     from vistrain.interop.var_official import OfficialFormatError, import_official
 
+    patch_nums = None
+    if args.patch_nums is not None:
+        try:
+            patch_nums = [int(p) for p in args.patch_nums.split(",")]
+        except ValueError:
+            return _fail(f"--patch-nums {args.patch_nums}: expected comma-separated sizes, e.g. 1,2,3,4", 2)
     try:
-        model_config, weights = import_official(args.vae, args.var)
+        model_config, weights = import_official(args.vae, args.var, patch_nums)
         folder = write_model_folder(Path(args.out), weights, model_config)
     except (OfficialFormatError, CheckpointError) as e:
         return _fail(str(e), 2 if isinstance(e, OfficialFormatError) else 1)
