@@ -26,6 +26,8 @@ from vistrain.interop.var_official import var_to_official, vqvae_to_official
 from vistrain.tasks.var import load_transformer
 from vistrain.tasks.vqvae import load_vqvae
 
+REPO = Path(__file__).resolve().parents[1]
+
 CLOSE = dict(rtol=0.0, atol=1e-5)  # float32 rounding of a different but equivalent op order
 
 
@@ -277,3 +279,23 @@ def test_given_patch_nums_that_fit_change_nothing(official_files, imported, tmp_
     out = tmp_path / "given"
     assert _import(official_files["vae"], official_files["var"], out, "--patch-nums", "1,2,3,4") == 0
     assert (out / "config.json").read_text() == (imported / "config.json").read_text()
+
+
+def test_var_training_can_start_from_the_imported_model(imported, tmp_path) -> None:
+    """Fine-tuning: the transformer starts from the imported weights, the tokenizer is the imported one."""
+    from vistrain.config import load_config
+    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine.dist import DistContext
+    from vistrain.tasks import make_trainer
+
+    cfg = load_config(REPO / "configs" / "var" / "digits.yaml", [
+        f"run.out_dir={tmp_path}", f"var.init={imported}", f"var.tokenizer={imported}", "data.resolution=64",
+        "data.channels=3", "data.num_workers=0", f"model.depth={golden.DEPTH}", f"model.vocab_size={golden.VOCAB}",
+        f"model.z_channels={golden.CVAE}", "model.patch_nums=[1,2,3,4]", "train.batch_size=8", "train.max_steps=2",
+        "train.eval_every=100", "train.ckpt_every=2", "run.loggers=[]", "var.num_samples=2", "var.val_images=8"])
+    trainer = make_trainer(cfg, DistContext(0, 1, 0, torch.device("cpu")))
+    start = ckpt_lib.load_weights(imported)
+    for key, value in trainer.task.nets["var"].state_dict().items():
+        assert torch.equal(value, start[f"var.{key}"]), key
+    trainer.fit()
+    assert (tmp_path / "checkpoints" / "step_00000002" / "model.safetensors").exists()

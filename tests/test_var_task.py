@@ -105,24 +105,39 @@ def test_vqvae_sample_writes_images_beside_reconstructions(tokenizer_run, tmp_pa
     assert arr.shape == (6, 16, 16, 3)
 
 
-REFERENCE_PARAMS = {16: 310_283_520, 20: 600_917_136, 24: 1_033_399_360, 30: 2_010_020_356}
+# Parameter counts of the reference implementation (VAR's own count excludes the tokenizer).
+REFERENCE_PARAMS = {"var/imagenet256_d16": 310_283_520, "var/imagenet256_d20": 600_917_136,
+                    "var/imagenet256_d24": 1_033_399_360, "var/imagenet256_d30": 2_010_020_356,
+                    "vqvae/imagenet256": 108_948_355}
+SHIPPED = sorted(str(p.relative_to(REPO / "configs").with_suffix("")) for p in (REPO / "configs").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("depth", sorted(REFERENCE_PARAMS))
-def test_imagenet_recipes_build_with_the_reference_parameter_counts(depth):
-    cfg = load_config(REPO / f"configs/var/imagenet256_d{depth}.yaml")
+def build_models(cfg) -> list[torch.nn.Module]:
+    """The networks a shipped config describes, on the meta device (no memory, no data needed)."""
+    from vistrain.models.gan import build_discriminator, build_generator
+
     with torch.device("meta"):
-        var = VAR(cfg.model)
-    assert sum(p.numel() for p in var.parameters()) == REFERENCE_PARAMS[depth]
-    assert cfg.train.parallel == ("fsdp" if depth == 30 else "ddp")
-    assert cfg.train.activation_checkpointing == (depth == 30)
+        if cfg.task == "var":
+            return [VAR(cfg.model)]
+        if cfg.task == "vqvae":
+            return [VQVAE(cfg.model)]
+        shape = dict(resolution=cfg.data.resolution, channels=cfg.data.channels, num_classes=10)
+        return [build_generator(cfg.model.generator, **shape), build_discriminator(cfg.model.discriminator, **shape)]
 
 
-def test_the_tokenizer_recipe_has_the_official_shapes():
-    cfg = load_config(REPO / "configs/vqvae/imagenet256.yaml")
-    with torch.device("meta"):
-        vae = VQVAE(cfg.model)
-    assert sum(p.numel() for p in vae.parameters()) == 108_948_355
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads_and_builds_its_models(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    count = sum(p.numel() for model in build_models(cfg) for p in model.parameters())
+    if name in REFERENCE_PARAMS:
+        assert count == REFERENCE_PARAMS[name]
+    if name.startswith("var/imagenet256"):
+        big = name.endswith("d30")  # the 2B model shards its state and recomputes its activations
+        assert (cfg.train.parallel, cfg.train.activation_checkpointing) == (("fsdp", True) if big else ("ddp", False))
+
+
+def test_the_reference_recipes_are_all_shipped():
+    assert set(REFERENCE_PARAMS) <= set(SHIPPED) and {"gan/digits", "vqvae/digits", "var/digits"} <= set(SHIPPED)
 
 
 def test_the_tokenizer_trains_with_perceptual_and_adversarial_losses(tmp_path, capsys):
