@@ -114,7 +114,6 @@ def main() -> int:
         opt_syncs = count_syncs(lambda: optimizer_step(opt))
         ms = 1e3 * statistics.median(times)
         rows.append((impl, ms, args.batch / (ms / 1e3), model_syncs, opt_syncs))
-        del model, opt
 
     # The frozen tokenizer's share: encoding this batch of images to tokens, as the VAR task does each step.
     vae_cfg = VQVAEConfig(ch=args.vae_ch, patch_nums=patch_nums, ch_mult=CH_MULT.get(args.resolution, [1, 1, 2, 2, 4]))
