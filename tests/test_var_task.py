@@ -167,3 +167,22 @@ def test_the_tokenizer_trains_with_perceptual_and_adversarial_losses(tmp_path, c
                "vqvae.perceptual.weight=1.0", f"vqvae.perceptual.vgg={tmp_path / 'nope.pth'}"]
     assert vistrain(*missing) == 2
     assert f"vqvae.perceptual.vgg={tmp_path / 'nope.pth'}: no such file" in capsys.readouterr().err
+
+
+def test_progressive_training_grows_the_scales_and_ramps_the_newest_in(tokenizer_run, tmp_path):
+    """pg 0.5 over 20 steps with no warmup: scale 1 first, the last scale (index 2, all tokens) from step 6, when
+    pg0 + round(step / 10 x (2 - pg0)) reaches it."""
+    cfg = var_config(tmp_path, tokenizer_run, "var.pg=0.5", "var.pg0=1", "var.pgwp=0.1", "train.max_steps=20",
+                     "train.log_every=1", "optim.schedule.warmup_frac=0.0")
+    trainer = make_trainer(cfg, CPU)
+    task = trainer.task
+    assert [task.progressive_scale(s) for s in (0, 4, 5, 6, 10, 19)] == [1, 1, 1, -1, -1, -1]
+    assert task._newest_scale_weight(3, 1) == 1.0  # no ramp in the first stage
+    trainer.fit()
+    import json
+
+    train = {e["step"]: e for e in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if e["split"] == "train"}
+    assert "Lt" not in train[5] and "loss/scale_2" not in train[5]  # the last scale is not trained yet
+    assert train[5]["tokens_per_s"] == pytest.approx(5 * train[5]["samples_per_s"])  # 1 + 4 tokens
+    assert "Lt" in train[11] and train[11]["tokens_per_s"] == pytest.approx(21 * train[11]["samples_per_s"])
