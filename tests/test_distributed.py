@@ -36,3 +36,16 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, subpro
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     skipped = {e["step"]: e["skipped/main"] for e in events}
     assert skipped[3] == 0.0 and skipped[4] == skipped[5] == 1.0  # 1.0: every rank skipped, none stepped
+
+
+def test_when_one_rank_runs_out_of_data_every_rank_stops_at_the_same_step(tmp_path, subprocess_env):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vistrain",
+           "train", str(Path(__file__).parent / "toy.yaml"), f"run.out_dir={out}", "run.loggers=[console]",
+           "train.max_steps=50", "train.batch_size=16", "train.micro_batch_size=4", "train.ckpt_every=100",
+           "data.num_workers=0", "toy.data_ends=[9,14]", "run.dist_timeout_s=60"]
+    result = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # rank 0 has 9 micro-batches: 4 steps of 2, then it runs short in the fifth; rank 1 stops with it
+    assert "the training data ran out after step 4" in result.stdout
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"

@@ -10,6 +10,7 @@ SIGTERM (twice, the second during the preemption save), and uneven micro-batches
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class ToySection:
     # with k = len(keep) / world size micro-batches per step. Empty: keep every sample.
     keep: list[int] = field(default_factory=list)
     teacher: bool = False  # a frozen network loaded from elsewhere (`external`): not in the checkpoints
+    data_ends: list[int] = field(default_factory=list)  # rank r's data runs out after data_ends[r] micro-batches
     flops_per_token: float = 0.0  # > 0: report tokens (4 per sample) and these FLOPs per token, for `mfu`
 
 
@@ -97,7 +99,9 @@ class ToyTask(Task):
         self.data = MicroBatchStream(self.train_set, StreamOrder(len(self.train_set), env.seed),
                                      env.micro_batch_size, env.dist.rank, env.dist.world_size,
                                      cfg.data.num_workers)
-        self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.data)]
+        ends = cfg.toy.data_ends
+        data = itertools.islice(self.data, ends[env.dist.rank]) if ends else self.data
+        self.phases = [Phase("main", optimizer="main", loss=self.loss, data=data, finite_data=bool(ends))]
         self.step = 0
         self.calls = 0  # loss calls so far: which micro-batch of the step this is
 

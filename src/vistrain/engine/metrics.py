@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ETA", "MetricAccumulator", "device_peak_tflops", "format_duration", "peak_memory_mb"]
+__all__ = ["ETA", "DeviceTimer", "MetricAccumulator", "device_peak_tflops", "format_duration", "peak_memory_mb"]
 
 
 class MetricAccumulator:
@@ -111,6 +111,44 @@ class MetricAccumulator:
         if distributed and "nccl" in str(dist.get_backend(group)).lower():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+class DeviceTimer:
+    """Time spent in a stretch of device work, summed over a log window, without a sync per step.
+
+    On CUDA each stretch is a pair of events read only at `total()` (once per log event); elsewhere it is the
+    host clock, which is the device's there.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self._pairs: list = []
+        self._seconds = 0.0
+        self._t0: object = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._t0 = torch.cuda.Event(enable_timing=True)
+            self._t0.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pairs.append((self._t0, end))
+        else:
+            self._seconds += time.perf_counter() - self._t0
+
+    def total(self) -> float:
+        """Seconds since the last total(); on CUDA this waits for the last stretch to finish."""
+        seconds = self._seconds
+        if self._pairs:
+            self._pairs[-1][1].synchronize()  # events complete in order: when the last is done, all are
+            seconds += sum(start.elapsed_time(end) for start, end in self._pairs) / 1e3
+        self._pairs, self._seconds = [], 0.0
+        return seconds
 
 
 def format_duration(seconds: float | None) -> str:

@@ -34,14 +34,15 @@ Number = Union[int, float, Tensor]
 class PhaseLoss:
     """One micro-batch's loss, as a sum over the task's units and their count.
 
-    `metrics` are sums over the same units (the engine logs each as sum / count, weighted like the loss).
-    `samples` and `tokens`, when given, count this micro-batch's throughput (`samples_per_s`,
-    `tokens_per_s`); report them in the one phase whose data defines the task's throughput.
+    `metrics` are sums over the same units (the engine logs each as sum / count, weighted like the loss), or
+    `(sum, count)` pairs in a unit of their own (images per packed sample, say). `samples` and `tokens`, when
+    given, count this micro-batch's throughput (`samples_per_s`, `tokens_per_s`); report them in the one
+    phase whose data defines the task's throughput.
     """
 
     loss_sum: Tensor
     count: Number
-    metrics: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Union[Tensor, tuple[Number, Number]]] = field(default_factory=dict)
     samples: Optional[Number] = None
     tokens: Optional[Number] = None
 
@@ -61,6 +62,9 @@ class Phase:
     # generator update on the discriminator's batch, as imaginaire does).
     data: Optional[Iterator[Any]] = None
     same_data_as: Optional[str] = None
+    # True when `data` can run out (a streaming data set): the engine then checks every step that all ranks
+    # still have data, and when one has not, every rank saves and stops together instead of hanging.
+    finite_data: bool = False
     every: int = 1  # run on steps where step % every == 0 (lazy regularisation)
     repeats: int = 1  # optimizer steps of this phase per training step (a GAN's dis_step / gen_step)
     start: int = 0  # first step the phase runs at (an adversarial loss switched on later, say)

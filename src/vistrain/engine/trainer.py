@@ -30,7 +30,7 @@ from vistrain.engine.checkpointer import Checkpointer, verify_on_main_rank
 from vistrain.engine.dist import DistContext, all_reduce_sum, any_rank, broadcast_object, gather_objects
 from vistrain.engine.images import save_png
 from vistrain.engine.loggers import LoggerGroup, build_loggers
-from vistrain.engine.metrics import MetricAccumulator, device_peak_tflops, peak_memory_mb
+from vistrain.engine.metrics import DeviceTimer, MetricAccumulator, device_peak_tflops, peak_memory_mb
 from vistrain.engine.optim import apply_schedule, build_optimizer, freeze_zero_lr
 from vistrain.engine.parallel import Parallel
 from vistrain.engine.precision import Precision
@@ -57,6 +57,10 @@ class Preempted(Exception):
 
 class AlreadyDone(Exception):
     """The run folder's checkpoint is at or past train.max_steps: there is nothing to train."""
+
+
+class DataExhausted(Exception):
+    """A finite data stream ran out on some rank; every rank stops at the same step."""
 
 
 class Trainer:
@@ -138,6 +142,8 @@ class Trainer:
         self._stop_requested = False
         self._last_eval: Optional[tuple[int, dict]] = None
         self._drawn: dict[str, list[Any]] = {}
+        self._fwd_bwd = DeviceTimer(self.device)
+        self._window_steps = 0
         self._peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.device, cfg.train.precision)
 
     def _read_resume_state(self, path: Path) -> dict:
@@ -228,8 +234,16 @@ class Trainer:
             if cfg.profile and self.step == cfg.profile_start:
                 profiler = self._start_profiler()
             t0 = time.perf_counter()
-            data_s = self._train_step()
+            try:
+                data_s = self._train_step()
+            except DataExhausted:
+                if self.dist.is_main:
+                    print(f"the training data ran out after step {self.step}; stopping there", flush=True)
+                if not self._saved_this_step():
+                    self.save_checkpoint()
+                break
             self.step += 1
+            self._window_steps += 1
             self.metrics.add("time/data_s", data_s)
             self.metrics.add("time/step_s", time.perf_counter() - t0)
             if profiler is not None and self.step == cfg.profile_start + cfg.profile_steps:
@@ -260,8 +274,11 @@ class Trainer:
         """All phases of one training step; returns the seconds spent waiting for data."""
         step, max_steps = self.step, self.cfg.train.max_steps
         for name, opt in self.optimizers.items():
-            lr, wd = apply_schedule(opt, self.task.optimizers[name].config, step, max_steps)
+            config = self.task.optimizers[name].config
+            lr, wd = apply_schedule(opt, config, step, max_steps)
             self._schedule_values[f"lr/{name}"], self._schedule_values[f"wd/{name}"] = lr, wd
+            for prefix, mult in config.lr_mult.items():  # parts with their own lr (a VLM's projector, say)
+                self._schedule_values[f"lr/{name}/{prefix}"] = lr * mult
         data_s = 0.0
         for phase in self.task.phases:
             if not phase.runs_at(step):
@@ -280,7 +297,17 @@ class Trainer:
                 raise ValueError(f"phase {phase.name!r} reuses the data of phase {phase.same_data_as!r}, "
                                  "which has not drawn any yet (it must come earlier in task.phases)")
             return self._drawn[phase.same_data_as]
-        batches = [to_device(next(phase.data), self.device) for _ in range(self.accum)]
+        batches = []
+        try:
+            for _ in range(self.accum):
+                batches.append(to_device(next(phase.data), self.device))
+        except StopIteration:
+            if not phase.finite_data:
+                raise RuntimeError(f"the data of phase {phase.name!r} ran out; a stream that can end needs "
+                                   "Phase(finite_data=True)") from None
+        # A finite stream may end on one rank first: every rank learns it here, before any forward.
+        if phase.finite_data and any_rank(len(batches) < self.accum, self.dist):
+            raise DataExhausted
         self._drawn[phase.name] = batches
         return batches
 
@@ -292,6 +319,7 @@ class Trainer:
         nets = self.parallel.views(trains)
         loss_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
+        self._fwd_bwd.start()
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # The backward too runs inside: FSDP decides in it whether to reduce-scatter the gradients.
@@ -303,11 +331,13 @@ class Trainer:
             loss_sum += loss.detach()
             count += out.count
             for key, value in out.metrics.items():
-                self.metrics.add(key, value.detach().float(), weight=out.count)
+                value, weight = value if isinstance(value, tuple) else (value, out.count)
+                self.metrics.add(key, value.detach().float() if isinstance(value, Tensor) else value, weight=weight)
             if out.samples is not None:
                 self.metrics.add_total("samples", out.samples)
             if out.tokens is not None:
                 self.metrics.add_total("tokens", out.tokens)
+        self._fwd_bwd.stop()
         # One all-reduce: the step's count over all ranks (the normaliser) and its loss (for the skip decision).
         total = all_reduce_sum(torch.stack([count, loss_sum]), self.dist)
         # DDP and FSDP average gradients over ranks; times world size over the global count gives the
@@ -366,6 +396,9 @@ class Trainer:
         return self._loggers
 
     def _log_train(self, elapsed: float) -> None:
+        # forward + backward seconds per step, over the window (one device sync here, none per step)
+        self.metrics.add("time/fwd_bwd_s", self._fwd_bwd.total() / max(self._window_steps, 1))
+        self._window_steps = 0
         values = self.metrics.reduce()
         elapsed = max(elapsed, 1e-9)
         for unit in ("samples", "tokens"):
