@@ -250,6 +250,7 @@ def write_checkpoint_files(
     model_config: dict,
     train_state: Optional[dict],
     metrics: Optional[dict[str, float]] = None,
+    assets: Optional[dict[str, bytes]] = None,
 ) -> None:
     """Write the single-writer files of a checkpoint into `tmp` (rank 0's part).
 
@@ -260,6 +261,7 @@ def write_checkpoint_files(
     torch.dtype / torch.device / torch.Size, and lists, tuples and dicts (str or int keys) of these.
     Anything else (numpy arrays or scalars, custom objects) raises TypeError here, naming the entry.
     `metrics`: optional {name: value}, written to metrics.json (update_best reads it).
+    `assets`: optional {relative path: bytes}, files the model needs beside its weights (a tokenizer).
     """
     if train_state is not None:
         _check_weights_only(train_state, "train_state")
@@ -275,6 +277,12 @@ def write_checkpoint_files(
     _write_file(tmp / CONFIG_FILE, lambda f: f.write(config_text + "\n"), mode="w")
     if train_state is not None:  # a model folder (import, export) has none
         _write_file(tmp / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))
+    for rel, data in (assets or {}).items():
+        target = tmp / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or rel in (MODEL_FILE, CONFIG_FILE, TRAIN_STATE_FILE):
+            raise ValueError(f"asset name {rel!r} must be a new relative path inside the checkpoint")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(target, lambda f, data=data: f.write(data))
     if metrics is not None:
         text = json.dumps({k: float(v) for k, v in metrics.items()}, indent=2, sort_keys=True)
         _write_file(tmp / METRICS_FILE, lambda f: f.write(text + "\n"), mode="w")
@@ -299,7 +307,8 @@ def _write_checksums(folder: Path) -> None:
         _fsync_path(sub)
 
 
-def write_model_folder(folder: Path, weights: dict[str, Tensor], model_config: dict) -> Path:
+def write_model_folder(folder: Path, weights: dict[str, Tensor], model_config: dict,
+                       assets: Optional[dict[str, bytes]] = None) -> Path:
     """A model folder for users and `vistrain sample` (imported or exported weights): model.safetensors,
     config.json and checksums.json, appearing only when complete. Refuses a folder that is not empty."""
     folder = Path(folder)
@@ -310,7 +319,7 @@ def write_model_folder(folder: Path, weights: dict[str, Tensor], model_config: d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write_checkpoint_files(tmp, weights, model_config, train_state=None)
+        write_checkpoint_files(tmp, weights, model_config, train_state=None, assets=assets)
         _write_checksums(tmp)
         if folder.exists():
             folder.rmdir()  # empty, checked above
@@ -361,13 +370,14 @@ def finish_checkpoint(
     model_config: dict,
     train_state: dict,
     metrics: Optional[dict[str, float]] = None,
+    assets: Optional[dict[str, bytes]] = None,
 ) -> Path:
     """Rank 0's part after begin_checkpoint (and any shards): write its files, then commit the folder.
 
     A failure removes the temporary folder, so nothing of this checkpoint is left; the previous is intact.
     """
     try:
-        write_checkpoint_files(tmp_dir(Path(root), step), weights, model_config, train_state, metrics)
+        write_checkpoint_files(tmp_dir(Path(root), step), weights, model_config, train_state, metrics, assets)
     except BaseException as err:
         abort_checkpoint(root, step)
         if isinstance(err, Exception):
@@ -606,8 +616,14 @@ def newest_intact_checkpoint(root: Path, skip: Path) -> Optional[Path]:
 
 
 def verify_checkpoint(ckpt: Path, only: Optional[tuple[str, ...]] = None) -> None:
-    """Raise CheckpointError naming the first damaged file and the newest intact checkpoint, if any."""
+    """Raise CheckpointError naming the first damaged file and the newest intact checkpoint, if any.
+
+    A model folder written by a model's own save_pretrained (no train_state.pt, no checksums.json) has nothing
+    to verify against and passes; a training checkpoint always has its checksums.
+    """
     ckpt = _require_dir(Path(ckpt))
+    if not (ckpt / CHECKSUMS_FILE).exists() and not (ckpt / TRAIN_STATE_FILE).exists():
+        return
     damaged = _damaged_files(ckpt, only)
     if not damaged:
         return

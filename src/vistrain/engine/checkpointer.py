@@ -79,7 +79,7 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------------- saving
 
     def save(self, step: int, run_state: dict, model_config: dict, metrics: Optional[dict[str, float]],
-             best: Optional[tuple[str, str]]) -> Path:
+             best: Optional[tuple[str, str]], assets: Optional[dict[str, bytes]] = None) -> Path:
         """Write checkpoint `step` (all ranks call this); returns its path (being written, if async)."""
         self.wait()
         main = self.dist.is_main
@@ -107,7 +107,7 @@ class Checkpointer:
             if future is not None:
                 future.result()  # on rank 0: every rank's shards and the metadata are written
             if main:
-                self._write_and_commit(step, weights, model_config, train_state, metrics, best)
+                self._write_and_commit(step, weights, model_config, train_state, metrics, best, assets)
 
         path = self.root / ckpt_lib.step_dir_name(step)
         if self.async_save:
@@ -126,8 +126,8 @@ class Checkpointer:
         except BaseException as err:  # reported by the next wait(), on the training thread
             self._error = err
 
-    def _write_and_commit(self, step, weights, model_config, train_state, metrics, best) -> None:
-        path = ckpt_lib.finish_checkpoint(self.root, step, weights, model_config, train_state, metrics)
+    def _write_and_commit(self, step, weights, model_config, train_state, metrics, best, assets) -> None:
+        path = ckpt_lib.finish_checkpoint(self.root, step, weights, model_config, train_state, metrics, assets)
         if best is not None and metrics and best[0] in metrics:
             ckpt_lib.update_best(self.root, path, best[0], metrics[best[0]], mode=best[1])
         ckpt_lib.prune_checkpoints(self.root, self.keep_last)

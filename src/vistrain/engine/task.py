@@ -135,6 +135,10 @@ class Task:
         """Enough to rebuild the networks alone (config.json in a checkpoint); includes "task"."""
         raise NotImplementedError
 
+    def assets(self) -> dict[str, bytes]:
+        """Files a checkpoint needs beside the weights to be used alone ({relative path: bytes}): a tokenizer."""
+        return {}
+
     def state_dict(self) -> dict:
         """Counters and data positions that must survive a resume (the same on every rank)."""
         return {}

@@ -441,8 +441,9 @@ class Trainer:
             "nonfinite_streak": self.nonfinite_streak,
         }
         metrics = self._last_eval[1] if self._last_eval and self._last_eval[0] == self.step else None
+        assets = self.task.assets() if self.dist.is_main else None
         return self.checkpointer.save(self.step, run_state, self.task.model_config(), metrics,
-                                      best=self.task.best_metric)
+                                      best=self.task.best_metric, assets=assets)
 
     # ------------------------------------------------------------------------ profiling, preemption
 
