@@ -132,3 +132,32 @@ def test_sdpa_path_trains_and_gradients_respect_the_mask() -> None:
     seen = v.grad[0].abs().sum(dim=(0, 2)) > 0
     assert seen.tolist() == [i in (3, 4) for i in range(14)]
     assert v.grad[1].abs().sum() == 0
+
+
+def test_causal_mask_and_kv_cache_queries_with_q_offset() -> None:
+    """causal(): k <= q; with q_offset the queries are the last rows (a KV cache), through both back ends."""
+    _flex_or_skip()
+    torch.manual_seed(0)
+    L = 14
+    causal = AttentionMask.causal(L)
+    dense = causal.dense("cpu")
+    assert dense.shape == (1, 1, L, L) and torch.equal(dense[0, 0], torch.ones(L, L, dtype=torch.bool).tril())
+    assert torch.equal(causal.dense("cpu", 9, q_offset=6), dense[..., 6:9, :9])
+    docs = AttentionMask.document_causal(DOCS)
+    assert torch.equal(docs.dense("cpu", q_offset=10), docs.dense("cpu")[..., 10:, :])
+
+    q, k, v = (torch.randn(2, 3, L, 16) for _ in range(3))
+    for mask in (causal, docs):
+        full = _reference(q, k, v, mask.dense("cpu"), 1 / math.sqrt(16))
+        torch.testing.assert_close(attention(q, k, v, mask, impl="sdpa"), full, rtol=1e-5, atol=1e-5)
+        for n in (1, 4):  # one new token, a chunk of several over a cached prefix
+            with torch.no_grad():
+                for impl in ("sdpa", "flex"):
+                    got = attention(q[:, :, -n:], k, v, mask, impl=impl, q_offset=L - n)
+                    torch.testing.assert_close(got, full[:, :, -n:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="q_offset"):
+        attention(q[:, :, :4], k, v, causal, q_offset=3)
+    with pytest.raises(ValueError, match="length"):
+        attention(q, k, v, AttentionMask.causal(L - 1))
+    with pytest.raises(ValueError, match="length"):
+        AttentionMask.causal(0)

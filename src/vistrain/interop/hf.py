@@ -1,13 +1,16 @@
-"""Hugging Face checkpoint folders (config.json + safetensors, as transformers' save_pretrained writes them)
+"""Local Hugging Face model folders (config.json + safetensors, as transformers' save_pretrained writes them)
 <-> vistrain models, as explicit key maps checked by parity tests against transformers itself.
 
-Only local folders are read: downloading is the caller's business (e.g. huggingface_hub.snapshot_download).
-Each model family has its own section below.
+Only local folders are read (downloading is the caller's business, e.g. huggingface_hub.snapshot_download),
+and nothing here needs `transformers`: config.json is read as a dict and the safetensors files as flat state
+dicts. Every error names the folder (or file) and the key it could not use. Each model family has its own
+section below.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from vistrain.models.llama import LanguageModel, LlamaConfig
 from vistrain.models.vit import VisionTransformer, ViTConfig
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,3 +300,224 @@ def load_vit_from_hf(
                                  f"but config.json implies {list(param.shape)}")
     model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=True, assign=True)
     return cfg, model
+
+
+# --- Llama language model ---
+#
+# A LlamaForCausalLM folder (e.g. HuggingFaceTB/SmolLM2-135M / -360M, the language models of nanoVLM) ->
+# (LlamaConfig, LanguageModel). Config keys are those of transformers' LlamaConfig, in both the 4.x form
+# (top-level rope_theta, rope_scaling) and the 5.x form (rope_parameters: {"rope_type", "rope_theta"}).
+# Only unscaled RoPE is supported (rope type none or "default"); linear / dynamic / yarn / llama3 scaling
+# is refused rather than silently ignored. Tied checkpoints usually omit lm_head.weight; when they do
+# store it, it must equal the embedding (this model has no separate head to put it in).
+
+LLAMA_MODEL_TYPES = ("llama",)
+_LLAMA_ROPE_TYPES = (None, "default")
+# Recomputable buffers that older transformers versions saved with the weights; dropped on import.
+_LLAMA_DROPPED_SUFFIX = "rotary_emb.inv_freq"
+
+
+class LlamaFormatError(ValueError):
+    """A Hugging Face Llama folder, config or state dict that cannot be imported; names the source and key."""
+
+
+def llama_config_from_hf(hf_config: dict, source: str = "config.json") -> LlamaConfig:
+    """LlamaConfig from a transformers LlamaConfig dict (config.json); `source` names it in errors.
+
+    Absent optional keys take transformers' LlamaConfig defaults (num_key_value_heads = num_attention_heads,
+    rms_norm_eps 1e-6, tie_word_embeddings false, rope_theta 10000, max_position_embeddings 2048).
+    """
+    checks = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+    }
+
+    def get(key: str, default: object = ..., kind: str = "int"):
+        value = hf_config.get(key)
+        if value is None:
+            if default is ...:
+                raise LlamaFormatError(f"{source}: key {key!r} is missing; is this a Llama (LlamaForCausalLM) config?")
+            return default
+        if not checks[kind](value):
+            raise LlamaFormatError(f"{source}: key {key!r} must be of type {kind}, got {value!r}")
+        return value
+
+    model_type = hf_config.get("model_type")
+    if model_type is not None and model_type not in LLAMA_MODEL_TYPES:
+        raise LlamaFormatError(f"{source}: key 'model_type' is {model_type!r}; only {', '.join(LLAMA_MODEL_TYPES)} "
+                               "(LlamaForCausalLM) folders can be imported as a vistrain LanguageModel")
+    if hf_config.get("hidden_act", "silu") != "silu":
+        raise LlamaFormatError(f"{source}: key 'hidden_act' is {hf_config['hidden_act']!r}; the MLP here is SwiGLU (silu)")
+    for key, why in (("attention_bias", "this model's projections have no biases"),
+                     ("mlp_bias", "this model's projections have no biases"),
+                     ("rope_interleaved", "this model rotates halves (Llama's convention), not interleaved pairs")):
+        if hf_config.get(key):  # rope_interleaved: a nanotron key that SmolLM2's configs carry as false
+            raise LlamaFormatError(f"{source}: key {key!r} is true; {why}")
+
+    heads, hidden = get("num_attention_heads"), get("hidden_size")
+    head_dim = get("head_dim", 0)
+    if hidden % heads == 0 and head_dim == hidden // heads:
+        head_dim = 0  # the default: keep the config in its shortest form
+    try:
+        return LlamaConfig(
+            vocab_size=get("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size"),
+            num_layers=get("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=get("num_key_value_heads", heads),
+            head_dim=head_dim,
+            rope_theta=_llama_rope_theta(hf_config, source),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6, "number")),
+            tie_embeddings=get("tie_word_embeddings", False, "bool"),
+            max_position_embeddings=get("max_position_embeddings", 2048),
+        )
+    except LlamaFormatError:
+        raise
+    except ValueError as e:  # LlamaConfig.validate: a value of the right type that makes no model
+        raise LlamaFormatError(f"{source}: {e}") from None
+
+
+def _llama_rope_theta(hf_config: dict, source: str) -> float:
+    """The rotary base, from rope_parameters (transformers 5) or rope_theta + rope_scaling (transformers 4);
+    either dict asking for RoPE scaling is refused."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = hf_config.get(key)
+        if params is None:
+            continue
+        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+            raise LlamaFormatError(f"{source}: key {key!r} must be one dict of RoPE settings (not one per layer "
+                                   f"type) or null, got {params!r}")
+        rope_type = params.get("rope_type", params.get("type"))
+        if rope_type not in _LLAMA_ROPE_TYPES:
+            raise LlamaFormatError(f"{source}: key {key!r} asks for RoPE scaling of type {rope_type!r}; only "
+                                   "unscaled RoPE (type none or 'default') is supported")
+    params = hf_config.get("rope_parameters") or {}
+    where = "rope_parameters.rope_theta" if "rope_theta" in params else "rope_theta"
+    theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+        raise LlamaFormatError(f"{source}: key {where!r} must be a number > 0, got {theta!r}")
+    return float(theta)
+
+
+def llama_config_to_hf(cfg: LlamaConfig) -> dict:
+    """The config.json dict of transformers' LlamaConfig for cfg (both rope forms, so 4.x and 5.x read it)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def llama_key_map(cfg: LlamaConfig) -> dict[str, str]:
+    """vistrain key -> Hugging Face key, for every tensor of a LanguageModel with this config."""
+    keys = {"embed_tokens.weight": "model.embed_tokens.weight"}
+    for i in range(cfg.num_layers):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        keys[ours + "attn_norm.weight"] = theirs + "input_layernorm.weight"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            keys[f"{ours}attn.{proj}.weight"] = f"{theirs}self_attn.{proj}.weight"
+        keys[ours + "mlp_norm.weight"] = theirs + "post_attention_layernorm.weight"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            keys[f"{ours}mlp.{proj}.weight"] = f"{theirs}mlp.{proj}.weight"
+    keys["norm.weight"] = "model.norm.weight"
+    if not cfg.tie_embeddings:
+        keys["lm_head.weight"] = "lm_head.weight"
+    return keys
+
+
+def llama_state_dict_from_hf(state_dict: dict[str, Tensor], cfg: LlamaConfig,
+                             source: str = "state dict") -> dict[str, Tensor]:
+    """A LanguageModel state dict from a LlamaForCausalLM one: every key mapped, shapes checked, nothing left over."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LanguageModel(cfg).state_dict().items()}
+    out = {}
+    for ours, theirs in llama_key_map(cfg).items():
+        if theirs not in state_dict:
+            raise LlamaFormatError(f"{source}: key {theirs!r} is missing")
+        value = state_dict[theirs]
+        if value.shape != shapes[ours]:
+            raise LlamaFormatError(f"{source}: key {theirs!r} has shape {list(value.shape)}, the config gives "
+                                   f"{list(shapes[ours])}")
+        out[ours] = value
+    used = set(llama_key_map(cfg).values())
+    for key, value in state_dict.items():
+        if key in used or key.endswith(_LLAMA_DROPPED_SUFFIX):
+            continue
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            if not torch.equal(value, state_dict["model.embed_tokens.weight"]):
+                raise LlamaFormatError(f"{source}: key 'lm_head.weight' differs from 'model.embed_tokens.weight', "
+                                       "but tie_word_embeddings is true (one matrix for both)")
+            continue
+        raise LlamaFormatError(f"{source}: unexpected key {key!r} (not part of a Llama causal LM)")
+    return out
+
+
+def llama_state_dict_to_hf(state_dict: dict[str, Tensor], cfg: LlamaConfig) -> dict[str, Tensor]:
+    """The inverse map: a LlamaForCausalLM state dict (without lm_head.weight when tied, as HF saves it)."""
+    return {theirs: state_dict[ours] for ours, theirs in llama_key_map(cfg).items()}
+
+
+def read_hf_safetensors(folder: str | Path) -> dict[str, Tensor]:
+    """All tensors of a folder's model.safetensors, or of the shards its model.safetensors.index.json lists."""
+    folder = Path(folder)
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise LlamaFormatError(f"{index}: not a safetensors index with a 'weight_map' ({type(e).__name__}: {e})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        other = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+        hint = f" (found {', '.join(other)}: only safetensors weights are read)" if other else ""
+        raise LlamaFormatError(f"{folder}: no weights, expected model.safetensors or model.safetensors.index.json{hint}")
+    state: dict[str, Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise LlamaFormatError(f"{path}: missing, but {index.name} lists it")
+        try:
+            state.update(load_file(path))
+        except Exception as e:
+            raise LlamaFormatError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return state
+
+
+def load_llama_from_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
+                       attn_impl: str = "auto") -> tuple[LlamaConfig, LanguageModel]:
+    """(config, model in eval mode on the CPU, in `dtype`) from a local LlamaForCausalLM folder."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise LlamaFormatError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise LlamaFormatError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise LlamaFormatError(f"{config_path}: expected a JSON object")
+    cfg = llama_config_from_hf(hf_config, source=str(config_path))
+    cfg.attn_impl = attn_impl
+    cfg.validate()
+    state = llama_state_dict_from_hf(read_hf_safetensors(folder), cfg, source=str(folder))
+    with torch.device("meta"):  # no random init of weights about to be overwritten
+        model = LanguageModel(cfg)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return cfg, model.eval()

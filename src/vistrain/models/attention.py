@@ -10,19 +10,25 @@ A mask is a `mask_mod(b, h, q_idx, kv_idx) -> bool` (True = q may attend to kv),
   * "sdpa": evaluated on broadcast index grids it gives the dense boolean mask that
     `F.scaled_dot_product_attention` takes. This is the path for CPUs and for training with dropout.
 
-So the two paths cannot disagree about what is masked. Two masks are provided:
+So the two paths cannot disagree about what is masked. Three masks are provided:
 
   * `AttentionMask.block_causal(group_ids_L)`: q sees k iff group[k] <= group[q]. VAR's scales: full
     attention inside a scale and to every earlier scale.
   * `AttentionMask.document_causal(doc_ids_BL)`: q sees k iff k <= q and doc[b, k] == doc[b, q]. Several
     samples packed into one row, each causal and blind to the others (a VLM's packed batches).
+  * `AttentionMask.causal(length)`: q sees k iff k <= q (a decoder-only language model). SDPA takes it as
+    `is_causal=True`, so no dense mask is built for it.
 
-In both every query sees itself, so no softmax row is ever all -inf (which would give NaN).
+In all of them every query sees itself, so no softmax row is ever all -inf (which would give NaN).
 
-"auto" picks flex on CUDA when a mask is given and flex_attention imports, sdpa otherwise: with no mask
-there are no tiles to skip and SDPA's flash kernel is the better choice. On CUDA flex_attention runs
-through `torch.compile` (eager flex materialises the whole score matrix). On CPU it runs eagerly, slowly and
-forward only (torch 2.13 has no CPU backward for it); it is there to check the masks, not to train.
+With a KV cache the queries are the last Lq of Lk tokens: `attention(..., q_offset=Lk - Lq)` then uses rows
+q_offset .. Lk-1 of the mask over the first Lk tokens.
+
+"auto" picks flex on CUDA when a mask other than plain causal is given and flex_attention imports, sdpa
+otherwise: with no mask there are no tiles to skip, and for a causal mask SDPA's flash kernel skips them
+itself, so SDPA is the better choice there. On CUDA flex_attention runs through `torch.compile` (eager flex
+materialises the whole score matrix). On CPU it runs eagerly, slowly and forward only (torch 2.13 has no CPU
+backward for it); it is there to check the masks, not to train.
 """
 
 from __future__ import annotations
@@ -74,6 +80,20 @@ class AttentionMask:
         self._cache: dict[tuple[str, torch.device, int], Any] = {}
 
     # ---- constructors
+
+    @classmethod
+    def causal(cls, length: int) -> AttentionMask:
+        """q may attend to k iff k <= q, over `length` tokens (any shorter length is its prefix)."""
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"AttentionMask.causal: length must be an integer >= 1, got {length!r}.")
+
+        def make_mod(pos_L: Tensor) -> MaskMod:
+            def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+                return kv_idx <= q_idx
+
+            return mask_mod
+
+        return cls("causal", torch.arange(length), make_mod)
 
     @classmethod
     def block_causal(cls, group_ids_L: Tensor) -> AttentionMask:
@@ -131,38 +151,49 @@ class AttentionMask:
             self._cache[key] = self.ids[..., :length].to(device)
         return self._make_mod(self._cache[key])
 
-    def dense(self, device: torch.device | str, length: int | None = None) -> Tensor:
-        """Boolean mask, True = attend: (1, 1, l, l) for block_causal, (B, 1, l, l) for document_causal."""
-        device, length = self._key(device, length)
-        key = ("dense", device, length)
+    def dense(self, device: torch.device | str, length: int | None = None, q_offset: int = 0) -> Tensor:
+        """Boolean mask, True = attend: (1, 1, lq, l) for block_causal and causal, (B, 1, lq, l) for
+        document_causal, where lq = l - q_offset: the rows of the last lq tokens (a KV cache's queries)."""
+        device, length = self._key(device, length, q_offset)
+        key = ("dense", device, length, q_offset)
         if key not in self._cache:
-            rows = self.batch or 1
+            rows, lq = self.batch or 1, length - q_offset
             b = torch.arange(rows, device=device).view(rows, 1, 1, 1)
             h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-            q_idx = torch.arange(length, device=device).view(1, 1, length, 1)
+            q_idx = torch.arange(q_offset, length, device=device).view(1, 1, lq, 1)
             kv_idx = torch.arange(length, device=device).view(1, 1, 1, length)
             m = self.mask_mod(device, length)(b, h, q_idx, kv_idx)
-            self._cache[key] = m.expand(rows, 1, length, length).contiguous()
+            self._cache[key] = m.expand(rows, 1, lq, length).contiguous()
         return self._cache[key]
 
-    def block_mask(self, device: torch.device | str, length: int | None = None) -> BlockMask:
-        """flex_attention's BlockMask: which 128x128 tiles to compute, and the mask_mod inside them."""
+    def block_mask(self, device: torch.device | str, length: int | None = None, q_offset: int = 0) -> BlockMask:
+        """flex_attention's BlockMask: which 128x128 tiles to compute, and the mask_mod inside them.
+        q_offset > 0: the queries are the last length - q_offset tokens, as in dense()."""
         _require_flex()
-        device, length = self._key(device, length)
-        key = ("block", device, length)
+        device, length = self._key(device, length, q_offset)
+        key = ("block", device, length, q_offset)
         if key not in self._cache:
+            mod = self.mask_mod(device, length)
+            if q_offset:
+                inner = mod
+
+                def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+                    return inner(b, h, q_idx + q_offset, kv_idx)
+
             self._cache[key] = create_block_mask(
-                self.mask_mod(device, length), B=self.batch, H=None, Q_LEN=length, KV_LEN=length, device=device
+                mod, B=self.batch, H=None, Q_LEN=length - q_offset, KV_LEN=length, device=device
             )
         return self._cache[key]
 
-    def _key(self, device: torch.device | str, length: int | None) -> tuple[torch.device, int]:
+    def _key(self, device: torch.device | str, length: int | None, q_offset: int = 0) -> tuple[torch.device, int]:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must share one entry
             device = torch.device("cuda", torch.cuda.current_device())
         length = self.length if length is None else int(length)
         if not 1 <= length <= self.length:
             raise ValueError(f"{self!r}: length must be in [1, {self.length}], got {length}.")
+        if not 0 <= q_offset < length:
+            raise ValueError(f"{self!r}: q_offset must be in [0, {length - 1}] for length {length}, got {q_offset}.")
         return device, length
 
 
@@ -209,7 +240,7 @@ def _choose_impl(impl: str, q: Tensor, mask: AttentionMask | None, dropout_p: fl
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {', '.join(IMPLS)}, got {impl!r}.")
     if impl == "auto":
-        use_flex = q.is_cuda and mask is not None and dropout_p == 0.0 and flex_available()
+        use_flex = q.is_cuda and mask is not None and mask.kind != "causal" and dropout_p == 0.0 and flex_available()
         return "flex" if use_flex else "sdpa"
     return impl
 
@@ -222,26 +253,34 @@ def attention(
     scale: float | None = None,
     impl: str = "auto",
     dropout_p: float = 0.0,
+    q_offset: int = 0,
 ) -> Tensor:
     """softmax(q k^T * scale, masked) v for (B, H, L, c) tensors; returns (B, H, Lq, c).
 
     `mask` None means every query sees every key (then Lq may differ from Lk: a KV cache). With a mask, q and
-    k must have the same length l <= mask.length, and the mask of the first l tokens is used. `scale` None is
-    1/sqrt(c). `dropout_p` (attention-probability dropout) is only possible with sdpa.
+    k must have the same length l <= mask.length, and the mask of the first l tokens is used; or, with a KV
+    cache, q_offset + Lq == Lk: the queries are the last Lq of the Lk tokens and get those rows of the mask.
+    `scale` None is 1/sqrt(c). `dropout_p` (attention-probability dropout) is only possible with sdpa.
     """
     which = _choose_impl(impl, q_BHLc, mask, dropout_p)
     Lq, Lk = q_BHLc.shape[-2], k_BHLc.shape[-2]
-    if mask is not None and Lq != Lk:
+    if mask is not None and q_offset + Lq != Lk:
         raise ValueError(
-            f"attention with {mask!r} needs queries and keys of one length (self-attention), got {Lq} and {Lk}."
+            f"attention with {mask!r} needs queries and keys of one length (self-attention), or q_offset + "
+            f"queries = keys (a KV cache), got {Lq} queries, {Lk} keys and q_offset {q_offset}."
         )
     if mask is not None and mask.batch is not None and mask.batch != q_BHLc.shape[0]:
         raise ValueError(f"{mask!r} has {mask.batch} rows but the batch has {q_BHLc.shape[0]}.")
 
     if which == "sdpa":
-        attn_mask = None if mask is None else mask.dense(q_BHLc.device, Lq)
+        is_causal, attn_mask = False, None
+        if mask is not None and mask.kind == "causal" and q_offset == 0:
+            mask._key(q_BHLc.device, Lk)  # the length check of the other masks; then SDPA masks by itself
+            is_causal = True
+        elif mask is not None and not (mask.kind == "causal" and Lq == 1):  # a causal last row sees every key
+            attn_mask = mask.dense(q_BHLc.device, Lk, q_offset)
         return F.scaled_dot_product_attention(
-            q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale
+            q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
         )
 
     _require_flex()
@@ -254,7 +293,7 @@ def attention(
             "attention impl 'flex' runs forward only on the CPU (torch has no CPU backward for flex_attention); "
             "use impl='sdpa' (or 'auto') to train on the CPU, or call it under torch.no_grad()."
         )
-    block_mask = None if mask is None else mask.block_mask(q_BHLc.device, Lq)
+    block_mask = None if mask is None else mask.block_mask(q_BHLc.device, Lk, q_offset)
     if scale is None:
         scale = 1.0 / math.sqrt(q_BHLc.shape[-1])
     return _flex_fn(q_BHLc.device)(q_BHLc, k_BHLc, v_BHLc, block_mask=block_mask, scale=scale)
