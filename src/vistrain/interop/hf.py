@@ -43,8 +43,15 @@ from vistrain.models.vit import VisionTransformer, ViTConfig
 # SiglipModel's text tower and logit scale/bias wherever the prefix is, are ignored.
 
 __all__ = [
+    "LlamaFormatError",
     "ViTImportError",
+    "llama_config_from_hf",
+    "llama_config_to_hf",
+    "llama_state_dict_from_hf",
+    "llama_state_dict_to_hf",
+    "load_llama_from_hf",
     "load_vit_from_hf",
+    "read_hf_safetensors",
     "vit_config_from_hf",
     "vit_config_to_hf",
     "vit_state_dict_from_hf",
