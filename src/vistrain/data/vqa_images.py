@@ -1,0 +1,129 @@
+"""Images of a VQA sample -> normalised tiles for the vision encoder, plus the grid that names them.
+
+An image is resized so that its long side is at most ``max_image_size`` and each side is a whole number of
+tiles, then cut into a rows x cols grid of ``tile_size`` squares. A global view -- the whole image squeezed
+into one tile -- comes first, so the language model sees the overview before the detail:
+
+    tiles[0]            global view
+    tiles[1 + i*cols + j]  tile at row i, column j (0-based here; the row/column tokens count from 1)
+
+A 1 x 1 grid has no separate tile: its one tile would be the global view again, pixel for pixel, and would
+cost a second pass of the encoder and a second run of image tokens for nothing. Such an image is just the
+global view (the token layout in vqa_text.py agrees).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_GRID_SIDE = 8  # the row/column special tokens go up to <row_8_col_8>
+_BICUBIC = getattr(Image, "Resampling", Image).BICUBIC  # PIL's bicubic is antialiased when it shrinks
+
+
+def as_pil(image: Any) -> Image.Image:
+    """A PIL image from what a data set row holds: a PIL image, or a {"bytes", "path"} dict.
+
+    The dict form is what ``datasets`` returns when image decoding is off (the length pass reads only the
+    image header that way) or when a parquet column was never declared an Image feature.
+    """
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            return Image.open(io.BytesIO(image["bytes"]))
+        if image.get("path"):
+            return Image.open(image["path"])
+    raise TypeError(f"expected a PIL image or a {{'bytes', 'path'}} dict, got {type(image).__name__}")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels over white: a plain convert() would show them in their hidden colour."""
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ImageProcessor:
+    """PIL image -> (tiles float32 (V, 3, tile, tile), (rows, cols)), normalised with the encoder's mean/std.
+
+    V = 1 + rows*cols, or 1 for a single-tile image (see the module docstring). ``grid`` alone needs only
+    the image size, which PIL reads from the header: the length pass never decodes pixels.
+    """
+
+    def __init__(
+        self,
+        tile_size: int,
+        max_image_size: int,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+    ) -> None:
+        if tile_size < 1:
+            raise ValueError(f"data.tile_size must be a positive number of pixels, got {tile_size}.")
+        if max_image_size < tile_size or max_image_size % tile_size:
+            raise ValueError(
+                f"data.max_image_size={max_image_size} must be a multiple of data.tile_size={tile_size} (and at "
+                f"least one tile): rounding sides to whole tiles must not push the long side past it."
+            )
+        if max_image_size // tile_size > MAX_GRID_SIDE:
+            raise ValueError(
+                f"data.max_image_size={max_image_size} allows {max_image_size // tile_size} tiles per side; the "
+                f"row/column tokens name at most {MAX_GRID_SIDE}. Lower it to {MAX_GRID_SIDE * tile_size} or less."
+            )
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"image mean/std need 3 values each and std > 0, got mean={mean}, std={std}.")
+        self.tile_size = tile_size
+        self.max_image_size = max_image_size
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._mean_3 = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std_3 = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """(rows, cols) of an image of this size.
+
+        Scale down (never up) so the long side fits ``max_image_size``, then round each side to the NEAREST
+        multiple of the tile, at least one tile. Nearest rather than up: a 520 px side becomes one 512 tile,
+        not two tiles of mostly stretched pixels. Since max_image_size is a multiple of the tile, rounding
+        never takes the long side past it.
+        """
+        if width < 1 or height < 1:
+            raise ValueError(f"image has an empty side: {width} x {height} pixels")
+        scale = min(1.0, self.max_image_size / max(width, height))
+        rows = max(1, math.floor(height * scale / self.tile_size + 0.5))
+        cols = max(1, math.floor(width * scale / self.tile_size + 0.5))
+        return rows, cols
+
+    @staticmethod
+    def num_views(rows: int, cols: int) -> int:
+        """Tiles an image of this grid sends to the encoder: the global view, plus the grid if it has 2+ tiles."""
+        return 1 if rows * cols == 1 else 1 + rows * cols
+
+    def _normalise(self, image: Image.Image) -> torch.Tensor:
+        x_HW3 = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+        x_3HW = x_HW3.permute(2, 0, 1).to(torch.float32) / 255.0
+        return (x_3HW - self._mean_3) / self._std_3
+
+    def __call__(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+        image = to_rgb(as_pil(image))
+        rows, cols = self.grid(*image.size)
+        t = self.tile_size
+        # The global view comes from the original pixels, not from the tiled resize: one resampling only.
+        views = [self._normalise(image.resize((t, t), _BICUBIC))]
+        if rows * cols > 1:
+            big_3HW = self._normalise(image.resize((cols * t, rows * t), _BICUBIC))
+            # (3, rows*t, cols*t) -> (rows*cols, 3, t, t), row-major: the order of the row/column tokens.
+            tiles = big_3HW.view(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
+            views.append(tiles)
+        return torch.cat([v.view(-1, 3, t, t) for v in views]), (rows, cols)

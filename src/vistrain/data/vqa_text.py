@@ -1,0 +1,365 @@
+"""A VQA sample -> token ids, loss labels and image tiles; the special tokens; a small trainable tokenizer.
+
+Token layout of one sample (ChatML, the default template):
+
+    <|im_start|>user\\n IMAGES question<|im_end|>\\n<|im_start|>assistant\\n answer<|im_end|>\\n  (more turns)
+                                                                            ^^^^^^^^^^^^^^^^^ loss
+
+where IMAGES, for each image in order, is
+
+    <|global_image|> <|image|> x T                          the global view
+    <row_1_col_1> <|image|> x T  <row_1_col_2> ...          each tile, row-major (only for 2+ tiles)
+
+and T = image_token_length, the encoder's tokens per tile after pixel shuffle. Images go before the text of
+the first user turn. The loss covers each answer and its end-of-turn token, so the model learns to stop;
+every other token has label -100. Labels are aligned with input_ids: the model shifts them.
+
+One code path builds the text and the character spans of the answers, tokenises the whole text once and
+labels the tokens that overlap a span. With ``chat_template="tokenizer"`` the tokenizer's own chat template
+renders the text instead; an answer's span is then what rendering its turn added, without trailing
+whitespace (for ChatML-like templates: the answer and the end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from vistrain.data.vqa_images import ImageProcessor, as_pil
+
+IMAGE_TOKEN = "<|image|>"
+GLOBAL_IMAGE_TOKEN = "<|global_image|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+PAD_TOKEN = "<|pad|>"
+IGNORE_INDEX = -100  # label of tokens without loss (the value torch's cross_entropy ignores by default)
+
+# the_cauldron's per-turn quality ratings (1..5); a turn rated below the minimum of any column is dropped.
+RATING_COLUMNS = (
+    "relevance_ratings",
+    "image_correspondence_ratings",
+    "visual_dependency_ratings",
+    "formatting_ratings",
+)
+DEFAULT_MIN_RATINGS = {c: 1 for c in RATING_COLUMNS}
+
+# A ChatML template for tokenizers trained here, so chat_template="tokenizer" works with them too.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def grid_token(row: int, col: int) -> str:
+    """The token before the tile at (row, col), both counted from 1."""
+    return f"<row_{row}_col_{col}>"
+
+
+def vqa_special_tokens() -> list[str]:
+    """The 66 image special tokens: image, global image and the 8 x 8 row/column tokens."""
+    return [IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN] + [grid_token(i, j) for i in range(1, 9) for j in range(1, 9)]
+
+
+def image_token_length(tile_size: int, patch_size: int, pixel_shuffle_factor: int) -> int:
+    """Tokens per tile: (tile / patch)^2 patches, merged pixel_shuffle_factor^2 at a time (64 for 512/16/4)."""
+    if tile_size % patch_size:
+        raise ValueError(f"data.tile_size={tile_size} is not a multiple of the encoder's patch size {patch_size}.")
+    side = tile_size // patch_size
+    if side % pixel_shuffle_factor:
+        raise ValueError(
+            f"{side} x {side} patches per tile cannot be pixel-shuffled by a factor {pixel_shuffle_factor}: "
+            f"the patch grid side must be a multiple of it."
+        )
+    return (side // pixel_shuffle_factor) ** 2
+
+
+def add_vqa_special_tokens(tokenizer: Any, chatml: bool = True) -> int:
+    """Add the image tokens (and ChatML's, if ``chatml`` and missing) as special tokens; returns how many
+    were new -- resize the language model's embeddings by that much.
+
+    Special tokens are matched verbatim before any other splitting, are never merged with neighbours and
+    are dropped by ``decode(..., skip_special_tokens=True)``.
+    """
+    from tokenizers import AddedToken
+
+    wanted = vqa_special_tokens() + ([IM_START, IM_END] if chatml else [])
+    vocab = tokenizer.get_vocab()
+    new = [AddedToken(t, special=True, normalized=False) for t in wanted if t not in vocab]
+    return tokenizer.add_tokens(new, special_tokens=True) if new else 0
+
+
+def kept_turns(sample: Mapping[str, Any], min_ratings: Mapping[str, Optional[int]]) -> list[tuple[str, str]]:
+    """The (user, assistant) turns of a sample whose ratings all reach their minimum.
+
+    A sample without a rating column, or a turn without a rating in it (shorter list, None), is unrated
+    there and kept: only a rating known to be low drops a turn.
+    """
+    turns = sample.get("texts") or []
+    keep = [True] * len(turns)
+    for column, minimum in min_ratings.items():
+        ratings = sample.get(column)
+        if minimum is None or not ratings:
+            continue
+        for k, rating in enumerate(ratings[: len(turns)]):
+            if rating is not None and rating < minimum:
+                keep[k] = False
+    return [(str(t.get("user") or ""), str(t.get("assistant") or "")) for t, ok in zip(turns, keep) if ok]
+
+
+class VQAEncoder:
+    """Turns the_cauldron-shaped samples (``images`` + ``texts`` + optional ratings) into training rows.
+
+    Args:
+        tokenizer: a ``transformers`` fast tokenizer (a ``PreTrainedTokenizerFast``: one trained with
+            ``train_tokenizer`` or a model's tokenizer folder) that already has the special tokens
+            (``add_vqa_special_tokens``).
+        image_processor: resizes and tiles the images.
+        image_token_length: T, the image tokens per tile.
+        chat_template: "chatml" (built here) or "tokenizer" (``tokenizer.apply_chat_template``).
+        min_ratings: minimum rating per rating column (None or absent: no filter on that column); defaults
+            to 1 on every column, which drops only turns rated 0.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: ImageProcessor,
+        image_token_length: int,
+        chat_template: str = "chatml",
+        min_ratings: Optional[Mapping[str, Optional[int]]] = None,
+    ) -> None:
+        if chat_template not in ("chatml", "tokenizer"):
+            raise ValueError(f"data.chat_template must be 'chatml' or 'tokenizer', got {chat_template!r}.")
+        if chat_template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "data.chat_template=tokenizer, but this tokenizer has no chat template; use data.chat_template="
+                "chatml or a tokenizer folder whose tokenizer_config.json defines one."
+            )
+        if image_token_length < 1:
+            raise ValueError(f"image_token_length must be >= 1, got {image_token_length}.")
+        min_ratings = dict(DEFAULT_MIN_RATINGS if min_ratings is None else min_ratings)
+        unknown = sorted(set(min_ratings) - set(RATING_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown rating columns {unknown} in data.min_ratings; valid: {list(RATING_COLUMNS)}.")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_length = image_token_length
+        self.chat_template = chat_template
+        self.min_ratings = min_ratings
+        needed = vqa_special_tokens() + ([IM_START, IM_END] if chat_template == "chatml" else [])
+        missing = [t for t in needed if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+        if missing:
+            raise ValueError(
+                f"the tokenizer splits {len(missing)} special token(s) ({', '.join(missing[:3])}, ...): call "
+                f"vistrain.data.vqa.add_vqa_special_tokens(tokenizer) first and resize the embeddings."
+            )
+        self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+
+    @staticmethod
+    def special_tokens() -> list[str]:
+        return vqa_special_tokens()
+
+    # --- text -----------------------------------------------------------------------------------------
+
+    def image_string(self, rows: int, cols: int) -> str:
+        run = IMAGE_TOKEN * self.image_token_length
+        parts = [GLOBAL_IMAGE_TOKEN + run]
+        if rows * cols > 1:  # a 1 x 1 grid is the global view alone (vqa_images.py says why)
+            parts += [grid_token(i, j) + run for i in range(1, rows + 1) for j in range(1, cols + 1)]
+        return "".join(parts)
+
+    def _messages(self, turns: Sequence[tuple[str, str]], grids: Sequence[tuple[int, int]]) -> list[dict]:
+        images = "".join(self.image_string(r, c) for r, c in grids)
+        messages = []
+        for k, (user, assistant) in enumerate(turns):
+            messages.append({"role": "user", "content": (images if k == 0 else "") + user})
+            messages.append({"role": "assistant", "content": assistant})
+        return messages
+
+    def _render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation's text and the character spans that carry loss."""
+        if self.chat_template == "chatml":
+            text, spans = "", []
+            for m in messages:
+                text += f"{IM_START}{m['role']}\n"
+                start = len(text)
+                text += m["content"] + IM_END
+                if m["role"] == "assistant":
+                    spans.append((start, len(text)))
+                text += "\n"
+            return text, spans
+        return self._render_with_tokenizer(messages)
+
+    def _render_with_tokenizer(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        def render(msgs: list[dict], prompt: bool) -> str:
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+        text = render(messages, False)
+        spans = []
+        for k in range(1, len(messages), 2):
+            prefix, upto = render(messages[:k], True), render(messages[: k + 1], False)
+            if not (upto.startswith(prefix) and text.startswith(upto)):
+                raise ValueError(
+                    "the tokenizer's chat template does not render a conversation as a prefix of its "
+                    "continuation, so the answers cannot be located; use data.chat_template=chatml."
+                )
+            spans.append((len(prefix), len(upto.rstrip())))
+        return text, spans
+
+    def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        loss = np.zeros(len(ids), dtype=bool)
+        for s0, s1 in spans:  # a token overlapping an answer is part of it (a merge across its border, say)
+            loss |= (offsets[:, 1] > s0) & (offsets[:, 0] < s1)
+        labels = torch.where(torch.from_numpy(loss), ids, torch.full_like(ids, IGNORE_INDEX))
+        return ids, labels
+
+    # --- samples --------------------------------------------------------------------------------------
+
+    def turns(self, sample: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return kept_turns(sample, self.min_ratings)
+
+    def _grids(self, sample: Mapping[str, Any]) -> list[tuple[int, int]]:
+        # PIL reads the size from the header: no pixels are decoded here.
+        return [self.image_processor.grid(*as_pil(im).size) for im in sample.get("images") or []]
+
+    def encode(self, sample: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+        """``{input_ids (L,), labels (L,), pixel_values (V, 3, tile, tile), num_images}``; None if every turn
+        was filtered out. V counts the tiles of all images, in the order their tokens appear."""
+        turns = self.turns(sample)
+        if not turns:
+            return None
+        pixel_values, grids = self._images(sample)
+        ids, labels = self._tokenize(*self._render(self._messages(turns, grids)))
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "pixel_values": pixel_values,
+            "num_images": len(grids),
+        }
+
+    def measure(self, samples: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, images) per sample, as ``encode`` would give them, without processing pixels; a sample
+        that ``encode`` skips has 0 tokens. Tokenises the batch in one call (the Rust tokenizer's threads)."""
+        texts, where = [], []
+        images = np.zeros(len(samples), dtype=np.int64)
+        for i, sample in enumerate(samples):
+            turns = self.turns(sample)
+            if turns:
+                grids = self._grids(sample)
+                texts.append(self._render(self._messages(turns, grids))[0])
+                where.append(i)
+                images[i] = len(grids)
+        tokens = np.zeros(len(samples), dtype=np.int64)
+        if texts:
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            tokens[where] = [len(x) for x in ids]
+        return tokens, images
+
+    def encode_prompt(self, sample: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+        """The first kept turn as a generation prompt: ``{input_ids (up to and including the assistant
+        header), pixel_values, num_images, answer (the reference text), qtype (or None)}``."""
+        turns = self.turns(sample)
+        if not turns:
+            return None
+        pixel_values, grids = self._images(sample)
+        user = self._messages(turns[:1], grids)[:1]
+        if self.chat_template == "chatml":
+            text = f"{IM_START}user\n{user[0]['content']}{IM_END}\n{IM_START}assistant\n"
+        else:
+            text = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "pixel_values": pixel_values,
+            "num_images": len(grids),
+            "answer": turns[0][1],
+            "qtype": sample.get("qtype"),
+        }
+
+    def _images(self, sample: Mapping[str, Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """All tiles of the sample's images, in token order, and each image's grid."""
+        tiles, grids = [], []
+        for image in sample.get("images") or []:
+            views, grid = self.image_processor(image)
+            tiles.append(views)
+            grids.append(grid)
+        t = self.image_processor.tile_size
+        return (torch.cat(tiles) if tiles else torch.zeros(0, 3, t, t)), grids
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides a sample's token count: a length cache's key."""
+        tok = self.tokenizer
+        settings = {
+            "version": 1,
+            "tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(),
+            "chat_template": self.chat_template,
+            "template_text": tok.chat_template if self.chat_template == "tokenizer" else None,
+            "image_token_length": self.image_token_length,
+            "tile_size": self.image_processor.tile_size,
+            "max_image_size": self.image_processor.max_image_size,
+            "min_ratings": sorted(self.min_ratings.items()),
+        }
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    special_tokens: Optional[Sequence[str]] = None,
+    vocab_size: int = 512,
+    min_frequency: int = 2,
+) -> Any:
+    """A small byte-level BPE tokenizer trained on ``texts``, as a ``PreTrainedTokenizerFast``.
+
+    Byte-level BPE: any text round-trips exactly (every byte is in the alphabet, nothing is unknown), a
+    lone digit is one byte and so one token, and with room in the vocabulary every frequent word of the
+    corpus becomes one token -- which is what makes short answers like "odd" or "yes" single tokens. It
+    carries <|pad|> (id 0), ChatML's <|im_start|> and <|im_end|> (the end-of-sequence token),
+    ``special_tokens`` (default: the 66 image tokens) and a ChatML chat template. ``vocab_size`` is the
+    whole vocabulary: 256 bytes, the special tokens and the learnt merges. Keep the tokenizer with
+    ``tokenizer.save_pretrained(folder)``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    extra = list(vqa_special_tokens() if special_tokens is None else special_tokens)
+    specials = [PAD_TOKEN, IM_START, IM_END] + [t for t in extra if t not in (PAD_TOKEN, IM_START, IM_END)]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size <= len(alphabet) + len(specials):
+        raise ValueError(
+            f"tokenizer vocab_size={vocab_size} leaves no room for merges after {len(alphabet)} bytes and "
+            f"{len(specials)} special tokens; ask for more than {len(alphabet) + len(specials)}."
+        )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    # The role names are in every ChatML header: make them words of the corpus too.
+    backend.train_from_iterator(_with_roles(texts), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        eos_token=IM_END,
+        clean_up_tokenization_spaces=False,  # decode must give back the text exactly
+        model_max_length=1 << 30,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _with_roles(texts: Iterable[str]) -> Iterable[str]:
+    yield from texts
+    for _ in range(8):
+        yield from ("user", "assistant", "system")
