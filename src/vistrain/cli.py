@@ -42,11 +42,32 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--which", choices=("latest", "best"), default="latest",
                         help="for a run folder: which checkpoint to use")
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    gen = sub.add_parser("generate", help="answer a prompt about images with a vision-language model")
+    gen.add_argument("source", help="a run folder (its latest checkpoint), a checkpoint or a model folder")
+    gen.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    gen.add_argument("--prompt", required=True, help="the question, e.g. 'What digit is this?'")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--greedy", action="store_true", help="the most likely token each time (the default)")
+    gen.add_argument("--temperature", type=float, default=None, help="sample at this temperature instead")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--which", choices=("latest", "best"), default="latest")
+    gen.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    export = sub.add_parser("export", help="write a release folder: weights, config, assets, a model card")
+    export.add_argument("source", help="a run folder (its latest or best checkpoint) or a checkpoint folder")
+    export.add_argument("--out", required=True, help="a new folder")
+    export.add_argument("--which", choices=("latest", "best"), default="best",
+                        help="for a run folder: which checkpoint (best falls back to latest when there is none)")
     imports = sub.add_parser("import", help="turn another project's weights into a vistrain model folder")
-    imports.add_argument("kind", choices=("var",), help="var: the official FoundationVision/VAR checkpoints")
-    imports.add_argument("--vae", required=True, help="the official tokenizer file, e.g. vae_ch160v4096z32.pth")
-    imports.add_argument("--var", required=True, help="the official transformer file, e.g. var_d16.pth")
-    imports.add_argument("--out", required=True, help="a new folder: config.json + model.safetensors")
+    imports.add_argument("kind", choices=("var", "vlm"),
+                         help="var: the official FoundationVision/VAR files; vlm: a SigLIP and a Llama folder")
+    imports.add_argument("--out", required=True, help="a new folder: config.json + model.safetensors (+ assets)")
+    imports.add_argument("--vae", help="var: the official tokenizer file, e.g. vae_ch160v4096z32.pth")
+    imports.add_argument("--var", help="var: the official transformer file, e.g. var_d16.pth")
+    imports.add_argument("--vision", help="vlm: a local Hugging Face SigLIP folder")
+    imports.add_argument("--lm", help="vlm: a local Hugging Face Llama-family folder with its tokenizer")
+    imports.add_argument("--pixel-shuffle-factor", type=int, default=4, help="vlm: the projector's fold (nanoVLM: 4)")
     imports.add_argument("--patch-nums", default=None,
                          help="comma-separated scale sizes, e.g. 1,2,3,4,5,6,8,10,13,16: needed only when the "
                               "transformer's shapes do not tell them (the released models' are known)")
@@ -54,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "import":
         return run_import(parser.parse_args(argv))
+    if args.command == "generate":
+        return run_generate(parser.parse_args(argv))
+    if args.command == "export":
+        return run_export(parser.parse_args(argv))
     if args.command == "train":
         # Flags may stand anywhere, also between overrides (`train CONFIG --smoke a=1`): argparse then leaves
         # the overrides after the flag unparsed; they are overrides all the same.
@@ -66,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_import(args) -> int:
+    if args.kind == "vlm":
+        return run_import_vlm(args)
+    if not (args.vae and args.var):
+        return _fail("import var needs --vae and --var (the official files)", 2)
     from vistrain.engine.checkpoint import CheckpointError, write_model_folder
     from vistrain.interop.var_official import OfficialFormatError, import_official
 
@@ -84,6 +113,99 @@ def run_import(args) -> int:
     print(f"imported VAR-d{depth} and its tokenizer into {folder}: sample with `vistrain sample {folder} --out x.png`, "
           f"fine-tune with var.init={folder} var.tokenizer={folder}")
     return 0
+
+
+def run_import_vlm(args) -> int:
+    from vistrain.engine.checkpoint import CheckpointError, write_model_folder
+    from vistrain.errors import ConfigError
+    from vistrain.tasks.vlm import import_hf
+
+    if not (args.vision and args.lm):
+        return _fail("import vlm needs --vision (a SigLIP folder) and --lm (a Llama-family folder)", 2)
+    try:
+        model_config, weights, assets = import_hf(args.vision, args.lm, args.pixel_shuffle_factor)
+        folder = write_model_folder(Path(args.out), weights, model_config, assets)
+    except (ConfigError, ValueError) as e:
+        return _fail(str(e), 2)
+    except CheckpointError as e:
+        return _fail(str(e), 1)
+    print(f"imported a VLM into {folder} (a new projector): fine-tune with model.init={folder}")
+    return 0
+
+
+def run_generate(args) -> int:
+    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine.dist import pick_device
+    from vistrain.errors import ConfigError
+    from vistrain.tasks import get_spec
+
+    if args.max_new_tokens < 1:
+        return _fail(f"--max-new-tokens {args.max_new_tokens}: must be at least 1", 2)
+    if args.temperature is not None and (args.greedy or args.temperature <= 0):
+        return _fail("--temperature samples (and must be > 0); --greedy takes the most likely token: give one", 2)
+    try:
+        device = pick_device(args.device, 0)
+        folder = ckpt_lib.find_checkpoint(Path(args.source), args.which)
+        spec = get_spec(str(ckpt_lib.load_model_config(folder).get("task")))
+        if spec.generate is None:
+            return _fail(f"{folder} holds a {spec.name!r} model, which does not generate text", 2)
+        greedy = args.temperature is None
+        text = spec.generate(folder, args.image, args.prompt, args.max_new_tokens, greedy,
+                             args.temperature or 1.0, args.top_k, args.top_p, args.seed, device)
+    except (ckpt_lib.CheckpointError, ConfigError, ValueError) as e:
+        return _fail(_sample_message(e, args), 1)
+    print(text)
+    return 0
+
+
+def run_export(args) -> int:
+    """Copy a checkpoint's model files (weights, config, assets) into a release folder with a model card."""
+    from vistrain.engine import checkpoint as ckpt_lib
+
+    try:
+        try:
+            folder = ckpt_lib.find_checkpoint(Path(args.source), args.which)
+        except ckpt_lib.CheckpointError:
+            if args.which != "best":
+                raise
+            folder = ckpt_lib.find_checkpoint(Path(args.source), "latest")
+        ckpt_lib.verify_checkpoint(folder)
+        model_config = ckpt_lib.load_model_config(folder)
+        weights = ckpt_lib.load_weights(folder)
+        skip = {ckpt_lib.MODEL_FILE, ckpt_lib.CONFIG_FILE, ckpt_lib.TRAIN_STATE_FILE, ckpt_lib.CHECKSUMS_FILE,
+                ckpt_lib.METRICS_FILE}
+        assets = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+                  if p.is_file() and p.relative_to(folder).parts[0] not in skip | {ckpt_lib.SHARDS_DIR}}
+        assets["README.md"] = model_card(folder, model_config, weights).encode()
+        out = ckpt_lib.write_model_folder(Path(args.out), weights, model_config, assets)
+    except ckpt_lib.CheckpointError as e:
+        return _fail(str(e), 1)
+    print(f"exported {folder} to {out}")
+    return 0
+
+
+def model_card(folder: Path, model_config: dict, weights: dict) -> str:
+    import json
+
+    metrics_file = folder / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    n_params = sum(v.numel() for v in weights.values())
+    lines = [f"# A vistrain {model_config.get('task')} model", "",
+             f"Exported from `{folder}` ({n_params / 1e6:.1f}M parameters in model.safetensors).", "",
+             "## Use", "", "```bash"]
+    if model_config.get("task") == "vlm":
+        lines += ["vistrain generate THIS_FOLDER --image photo.png --prompt 'What is in the image?'", "```", "",
+                  "```python", "from vistrain.models.vlm import VisionLanguageModel",
+                  "model = VisionLanguageModel.from_pretrained('THIS_FOLDER')", "```"]
+    else:
+        lines += ["vistrain sample THIS_FOLDER --out samples.png", "```"]
+    lines += ["", "## Files", "", "- `model.safetensors`: the weights; `config.json`: the architecture; "
+              "`checksums.json`: sha256 of every file", ""]
+    if metrics:
+        lines += ["## Metrics at export", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    lines += ["", "## Config", "", "```json", json.dumps(model_config, indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)
 
 
 def _fail(message: str, status: int, prefix: str = "") -> int:

@@ -103,6 +103,7 @@ class TaskEnv:
     batch_size: int  # global batch per optimizer step, in micro-batch items, over all ranks
     micro_batch_size: int  # items per micro-batch on this rank
     out_dir: Path
+    resume_from: Optional[Path] = None  # the checkpoint this run continues from (its assets are there)
 
 
 class Task:

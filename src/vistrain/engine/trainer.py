@@ -106,7 +106,7 @@ class Trainer:
         seed_everything(self.seed)
         env = TaskEnv(dist=self.dist, seed=self.seed, max_steps=cfg.train.max_steps,
                       batch_size=cfg.train.batch_size, micro_batch_size=self.micro_batch_size,
-                      out_dir=self.out_dir)
+                      out_dir=self.out_dir, resume_from=resume_path)
         self.task = task = build_task(env)
         self._check_task(task)
 

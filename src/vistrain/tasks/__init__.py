@@ -25,7 +25,8 @@ from vistrain.engine.task import Task, TaskEnv
 from vistrain.errors import ConfigError
 
 # Built-in task name -> module that registers it. Imported lazily so that `vistrain --help` stays fast.
-BUILTIN_TASKS = {"gan": "vistrain.tasks.gan", "vqvae": "vistrain.tasks.vqvae", "var": "vistrain.tasks.var"}
+BUILTIN_TASKS = {"gan": "vistrain.tasks.gan", "vqvae": "vistrain.tasks.vqvae", "var": "vistrain.tasks.var",
+                 "vlm": "vistrain.tasks.vlm"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class TaskSpec:
     # how many images `sample` yields for a request, when the task's own options decide (VAR's
     # --num-per-class); None: request.num
     sample_count: Optional[Callable[[dict, SampleRequest], int]] = None
+    # `vistrain generate` (text from images and a prompt): (model folder, image paths, prompt, max_new_tokens,
+    # greedy, temperature, top_k, top_p, seed, device) -> the answer
+    generate: Optional[Callable[..., str]] = None
     smoke_overrides: tuple[str, ...] = ()  # tiny shapes so `--smoke` checks a config in seconds
 
 

@@ -1,0 +1,407 @@
+"""A small vision-language model (nanoVLM's recipe) trained on packed visual question answering.
+
+One phase, `main`: packed rows of several samples (each attending only within itself, positions restarting)
+through the VLM; the loss is the cross entropy of the assistant tokens (answers and their end-of-turn
+token), reported as a sum over them with their count, so the engine's global mean is per assistant token
+whatever the packing. Learning rates per part (projector, vision, LM) are the engine's lr multipliers.
+
+The tokenizer: the language model's own (`model.lm_from`, extended with the image tokens) or, for the digits
+default, one trained at start from the data's text. It is saved in every checkpoint (an asset), so a
+checkpoint answers questions alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vistrain.config import ExperimentConfig
+from vistrain.data.config import DataConfig
+from vistrain.data.loader import MicroBatchStream
+from vistrain.data.vqa import (
+    IGNORE_INDEX,
+    ImageProcessor,
+    PackedOrder,
+    PackedVQADataset,
+    VQAEncoder,
+    VQASource,
+    add_vqa_special_tokens,
+    collate_packed,
+    collate_padded,
+    digits_vqa,
+    load_vqa_sources,
+    sample_lengths,
+    train_tokenizer,
+    vqa_special_tokens,
+    vqa_texts,
+)
+from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine.optim import OptimConfig
+from vistrain.engine.schedule import ScheduleConfig
+from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
+from vistrain.errors import ConfigError
+from vistrain.models.llama import LlamaConfig
+from vistrain.models.vit import ViTConfig
+from vistrain.models.vlm import VisionLanguageModel, VLMConfig
+from vistrain.tasks import TaskSpec, register
+
+TOKENIZER_DIR = "tokenizer"  # inside every checkpoint and model folder
+
+
+@dataclass
+class VLMDataConfig(DataConfig):
+    name: str = "digits"  # digits (the embedded default, no download) | vqa (the_cauldron-shaped sources)
+    sources: list[VQASource] = field(default_factory=list)  # data.name=vqa: training subsets, concatenated
+    val_sources: list[VQASource] = field(default_factory=list)  # held out; empty: val_size rows split off
+    val_size: int = 256  # validation samples
+    digits_image_size: int = 32
+    seq_length: int = 1024  # tokens per packed row
+    max_images_per_pack: int = 18
+    max_image_size: int = 2048  # long side, a multiple of the vision tile (vision.image_size)
+    pack_window: int = 4096  # samples packed together (a pure function of seed and position)
+    chat_template: str = "chatml"  # chatml | tokenizer (the tokenizer's own)
+    min_ratings: dict[str, int] = field(default_factory=dict)  # the_cauldron rating column -> minimum
+    cache_dir: Optional[str] = None  # per-sample lengths are computed once and cached here
+
+
+@dataclass
+class VLMModelConfig:
+    vision: ViTConfig = field(default_factory=lambda: ViTConfig(
+        image_size=32, patch_size=4, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4))
+    # lm.vocab_size is set from the tokenizer (the language model's own, or one trained on the data)
+    lm: LlamaConfig = field(default_factory=lambda: LlamaConfig(
+        vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
+        rope_theta=10000.0, max_position_embeddings=2048))
+    pixel_shuffle_factor: int = 2
+    vision_from: Optional[str] = None  # a local Hugging Face SigLIP folder: its config and weights
+    lm_from: Optional[str] = None  # a local Hugging Face Llama-family folder: config, weights and tokenizer
+    init: Optional[str] = None  # a vistrain VLM checkpoint or model folder to start from (fine-tuning)
+    tokenizer_vocab_size: int = 512  # with neither lm_from nor init: a tokenizer trained on the data
+
+
+@dataclass
+class VLMTrainConfig:
+    val_questions: int = 120  # val prompts answered by generation at every eval (accuracy per question type)
+    max_new_tokens: int = 8
+
+
+def _vlm_optim() -> OptimConfig:
+    # nanoVLM: projector 5.12e-3, vision and LM 5e-5 (lr_mult 0 freezes a part); cosine, 3% warmup, to 10%
+    return OptimConfig(name="adamw", lr=5.12e-3, betas=[0.9, 0.999], weight_decay=0.0,
+                       lr_mult={"vision": 5e-5 / 5.12e-3, "lm": 5e-5 / 5.12e-3},
+                       schedule=ScheduleConfig(name="cosine", warmup_frac=0.03, end_ratio=0.1))
+
+
+@dataclass
+class VLMExperimentConfig(ExperimentConfig):
+    task: str = "vlm"
+    data: VLMDataConfig = field(default_factory=VLMDataConfig)
+    model: VLMModelConfig = field(default_factory=VLMModelConfig)
+    vlm: VLMTrainConfig = field(default_factory=VLMTrainConfig)
+    optim: OptimConfig = field(default_factory=_vlm_optim)
+
+
+# --------------------------------------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def tokenizer_assets(tokenizer: Any) -> dict[str, bytes]:
+    """The tokenizer's files, as checkpoint assets under tokenizer/."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {f"{TOKENIZER_DIR}/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def lm_tokenizer(folder: str) -> Any:
+    """A language model's own tokenizer, extended with the image tokens."""
+    try:
+        tokenizer = load_tokenizer(Path(folder))
+    except Exception as e:  # transformers raises several kinds for a folder without tokenizer files
+        raise ConfigError(f"model.lm_from={folder}: no usable tokenizer there ({type(e).__name__}: {e})") from None
+    add_vqa_special_tokens(tokenizer)
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ task
+
+
+class VLMTask(Task):
+    def __init__(self, cfg: VLMExperimentConfig, env: TaskEnv):
+        self.cfg, self.env = cfg, env
+        self.device = env.dist.device
+        d = cfg.data
+        if d.name not in ("digits", "vqa"):
+            raise ConfigError(f"data.name={d.name!r}: expected digits or vqa")
+        self.train_set, self.val_set = self._datasets()
+        self.tokenizer = self._tokenizer()
+        model = self._model().to(self.device)
+        self.nets: dict[str, nn.Module] = {"vlm": model}
+        self.trainable = ("vlm",)
+        self.optimizers = {"main": OptimizerSpec("vlm", cfg.optim)}
+        vcfg = model.cfg.vision
+        # digits images are one tile; real images are tiled up to data.max_image_size
+        self.max_image_size = d.max_image_size if d.name == "vqa" else vcfg.image_size
+        try:
+            processor = ImageProcessor(vcfg.image_size, self.max_image_size, vcfg.image_mean, vcfg.image_std)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.encoder = VQAEncoder(self.tokenizer, processor, model.cfg.image_token_length, d.chat_template,
+                                  d.min_ratings or None)
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                          else self.tokenizer.eos_token_id)
+        self.eos_id = int(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        self.packed = self._packed_stream()
+        self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.packed)]
+        self.best_metric = ("val_loss", "min")
+        n_lm = sum(p.numel() for p in model.lm.parameters())
+        lm = model.cfg.lm
+        # the decoder's 6N + attention FLOPs per token (torchtitan's count); the vision tower is left out
+        self.flops_per_token = 6 * n_lm + 12 * lm.num_layers * lm.hidden_size * d.seq_length
+
+    # ------------------------------------------------------------------------------------- building
+
+    def _datasets(self):
+        d = self.cfg.data
+        if d.name == "digits":
+            return digits_vqa("train", d.digits_image_size), digits_vqa("val", d.digits_image_size)
+        if not d.sources:
+            raise ConfigError("data.name=vqa needs data.sources: a list of {name, path[, split]} (save_to_disk "
+                              "folders or parquet files of the_cauldron-shaped subsets)")
+        try:
+            train = load_vqa_sources(d.sources, d.cache_dir)
+            if train.dataset is None:
+                raise ConfigError("data.sources: streaming sources are not supported by the packed training "
+                                  "stream yet; save them to disk (datasets' save_to_disk) first")
+            if d.val_sources:
+                val = load_vqa_sources(d.val_sources, d.cache_dir).dataset
+                return train.dataset, val
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        n = len(train.dataset)
+        if n <= d.val_size:
+            raise ConfigError(f"data.sources hold {n} samples; data.val_size={d.val_size} would leave none to train on")
+        return train.dataset.select(range(d.val_size, n)), train.dataset.select(range(d.val_size))
+
+    def _tokenizer(self) -> Any:
+        m = self.cfg.model
+        resumed = self.env.resume_from
+        if resumed is not None and (Path(resumed) / TOKENIZER_DIR).is_dir():
+            return load_tokenizer(Path(resumed) / TOKENIZER_DIR)  # the run's own, exactly
+        if m.init:
+            return load_tokenizer(_model_folder(m.init, "model.init") / TOKENIZER_DIR)
+        if m.lm_from:
+            return lm_tokenizer(m.lm_from)
+        return train_tokenizer(vqa_texts(self.train_set), vqa_special_tokens(), vocab_size=m.tokenizer_vocab_size)
+
+    def _model(self) -> VisionLanguageModel:
+        m = self.cfg.model
+        if m.init:
+            return load_vlm(_model_folder(m.init, "model.init"))
+        try:
+            return build_vlm(m.vision, m.lm, m.pixel_shuffle_factor, self.tokenizer, m.vision_from, m.lm_from)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _packed_stream(self) -> MicroBatchStream:
+        d, env = self.cfg.data, self.env
+        try:
+            tokens, images = sample_lengths(self.train_set, self.encoder, cache_dir=d.cache_dir)
+            order = PackedOrder(tokens, images, d.seq_length, d.max_images_per_pack, env.seed, window=d.pack_window)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        dataset = PackedVQADataset(self.train_set, self.encoder, d.seq_length, self.pad_id)
+        return MicroBatchStream(dataset, order, env.micro_batch_size, env.dist.rank, env.dist.world_size,
+                                d.num_workers, collate_fn=collate_packed)
+
+    # ----------------------------------------------------------------------------------------- loss
+
+    def loss(self, nets, batch) -> PhaseLoss:
+        input_ids = batch["input_ids"]
+        logits_BTV = nets["vlm"](input_ids, batch["pixel_values"], batch["position_ids"], batch["doc_ids"])
+        loss_sum, count = _next_token_loss(logits_BTV, batch["labels"])
+        B, T = input_ids.shape
+        metrics = {"loss": loss_sum.detach(),
+                   "images_per_sample": (batch["num_images"], batch["num_samples"]),
+                   "packing_efficiency": (batch["num_tokens"], B * T)}
+        return PhaseLoss(loss_sum, count=count, metrics=metrics, samples=batch["num_samples"],
+                         tokens=batch["num_tokens"])
+
+    # ------------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> EvalResult:
+        """Val loss over every rank's shard of the val set; on digits, answers by generation per question type.
+        Every rank takes part (under FSDP the model's forward is a collective)."""
+        model = self.nets["vlm"]
+        was_training = model.training
+        model.eval()
+        rank, world = self.env.dist.rank, self.env.dist.world_size
+        n = min(len(self.val_set), self.cfg.data.val_size)
+        mine = list(range(rank, n, world))
+        total = torch.zeros(2, device=self.device)  # loss sum, assistant tokens
+        for start in range(0, max(len(mine), 1), 8):
+            idx = mine[start:start + 8]
+            samples = [s for s in (self.encoder.encode(self.val_set[i]) for i in (idx or [0])) if s is not None]
+            batch = _to(collate_padded(samples, self.pad_id), self.device)
+            logits = model(batch["input_ids"], batch["pixel_values"], None, batch["doc_ids"])
+            loss_sum, count = _next_token_loss(logits, batch["labels"])
+            if idx:
+                total += torch.stack([loss_sum.float(), count.float()])
+        if dist.is_initialized() and world > 1:
+            dist.all_reduce(total)
+        metrics = {"val_loss": float(total[0] / total[1].clamp(min=1))}
+        metrics.update(self._answer_accuracy(model))
+        model.train(was_training)
+        return EvalResult(metrics=metrics)
+
+    def _answer_accuracy(self, model: VisionLanguageModel) -> dict[str, float]:
+        """Greedy answers to the first val questions, scored per question type (exact match)."""
+        hits: dict[str, list[int]] = {}
+        for i in range(min(self.cfg.vlm.val_questions, len(self.val_set))):
+            prompt = self.encoder.encode_prompt(self.val_set[i])
+            if prompt is None or prompt.get("qtype") is None:
+                continue
+            answer = self.answer(model, prompt)
+            hits.setdefault(prompt["qtype"], []).append(int(answer.strip() == prompt["answer"].strip()))
+        metrics = {f"acc/{qtype}": 100.0 * sum(h) / len(h) for qtype, h in hits.items()}
+        if hits:
+            metrics["acc"] = 100.0 * sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
+        return metrics
+
+    def answer(self, model: VisionLanguageModel, prompt: dict, greedy: bool = True, **sampling) -> str:
+        ids = model.generate(prompt["input_ids"][None].to(self.device), prompt["pixel_values"].to(self.device),
+                             max_new_tokens=self.cfg.vlm.max_new_tokens, eos_token_id=self.eos_id, greedy=greedy,
+                             **sampling)
+        return decode_answer(self.tokenizer, ids[0], self.eos_id)
+
+    # ---------------------------------------------------------------------------------- state, export
+
+    def model_config(self) -> dict:
+        return {"task": "vlm", "model": dataclasses.asdict(self.nets["vlm"].cfg),
+                "chat_template": self.cfg.data.chat_template, "max_image_size": self.max_image_size}
+
+    def assets(self) -> dict[str, bytes]:
+        return tokenizer_assets(self.tokenizer)
+
+    def state_dict(self) -> dict:
+        return {"data": self.packed.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.packed.load_state_dict(state["data"])
+
+
+def build_vlm(vision_cfg: ViTConfig, lm_cfg: LlamaConfig, pixel_shuffle_factor: int, tokenizer: Any,
+              vision_from: Optional[str] = None, lm_from: Optional[str] = None) -> VisionLanguageModel:
+    """A VLM of these shapes, or with the encoder / decoder (config and weights) of local Hugging Face folders;
+    the decoder's vocabulary is the tokenizer's (extended with the image tokens: new rows N(0, 0.02))."""
+    from vistrain.interop.hf import load_llama_from_hf, load_vit_from_hf
+
+    vision = lm = None
+    if vision_from:
+        vision_cfg, vision = load_vit_from_hf(vision_from)
+    if lm_from:
+        lm_cfg, lm = load_llama_from_hf(lm_from)
+    cfg = VLMConfig(vision=vision_cfg, lm=dataclasses.replace(lm_cfg, vocab_size=len(tokenizer)),
+                    pixel_shuffle_factor=pixel_shuffle_factor,
+                    image_token_id=int(tokenizer.convert_tokens_to_ids("<|image|>")))
+    model = VisionLanguageModel(cfg)
+    if vision is not None:
+        model.vision.load_state_dict(vision.state_dict())
+    if lm is not None:
+        lm.resize_vocab(len(tokenizer))
+        model.lm.load_state_dict(lm.state_dict())
+    return model
+
+
+def import_hf(vision_from: str, lm_from: str, pixel_shuffle_factor: int) -> tuple[dict, dict, dict]:
+    """`vistrain import vlm`: (model_config, weights, assets) of a VLM made of two local Hugging Face folders,
+    with a new projector and the LM's tokenizer extended with the image tokens."""
+    tokenizer = lm_tokenizer(lm_from)
+    model = build_vlm(ViTConfig(), LlamaConfig(), pixel_shuffle_factor, tokenizer, vision_from, lm_from)
+    model_config = {"task": "vlm", "model": dataclasses.asdict(model.cfg), "chat_template": "chatml",
+                    "max_image_size": 4 * model.cfg.vision.image_size}
+    weights = {f"vlm.{k}": v for k, v in model.state_dict().items()}
+    return model_config, weights, tokenizer_assets(tokenizer)
+
+
+def _next_token_loss(logits_BTV: Tensor, labels_BT: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross entropy summed over the labelled next tokens, and their count (a device tensor, no sync)."""
+    logits, labels = logits_BTV[:, :-1].float(), labels_BT[:, 1:]
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def decode_answer(tokenizer: Any, ids: Tensor, eos_id: int) -> str:
+    ids = ids.tolist()
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _model_folder(path: str, key: str) -> Path:
+    try:
+        return ckpt_lib.find_checkpoint(Path(path))
+    except ckpt_lib.CheckpointError as e:
+        raise ConfigError(f"{key}={path}: {e}") from None
+
+
+def load_vlm(folder: Path, device: torch.device | str = "cpu") -> VisionLanguageModel:
+    """The VLM of a checkpoint or model folder, its checksums verified."""
+    ckpt_lib.verify_checkpoint(folder, only=(ckpt_lib.MODEL_FILE, ckpt_lib.CONFIG_FILE))
+    return VisionLanguageModel.from_pretrained(folder, device)
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def generate(folder: Path, images: list[str], prompt: str, max_new_tokens: int, greedy: bool, temperature: float,
+             top_k: int, top_p: float, seed: int, device: torch.device) -> str:
+    """`vistrain generate`: one answer to a prompt about the given images, from a checkpoint or model folder."""
+    from PIL import Image
+
+    model = load_vlm(folder, device)
+    model_config = ckpt_lib.load_model_config(folder)
+    if not (folder / TOKENIZER_DIR).is_dir():
+        raise ValueError(f"{folder} has no {TOKENIZER_DIR}/ folder: export or import the model with vistrain")
+    tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
+    vcfg = model.cfg.vision
+    processor = ImageProcessor(vcfg.image_size, model_config.get("max_image_size", vcfg.image_size),
+                               vcfg.image_mean, vcfg.image_std)
+    encoder = VQAEncoder(tokenizer, processor, model.cfg.image_token_length, model_config.get("chat_template", "chatml"))
+    pictures = []
+    for path in images:
+        try:
+            pictures.append(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--image {path}: cannot be read as an image ({e})") from None
+    encoded = encoder.encode_prompt({"images": pictures, "texts": [{"user": prompt, "assistant": ""}]})
+    eos_id = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    generator = torch.Generator(device).manual_seed(seed)
+    ids = model.generate(encoded["input_ids"][None].to(device), encoded["pixel_values"].to(device),
+                         max_new_tokens=max_new_tokens, eos_token_id=eos_id, greedy=greedy, temperature=temperature,
+                         top_k=top_k, top_p=top_p, generator=generator)
+    return decode_answer(tokenizer, ids[0], eos_id)
+
+
+register(TaskSpec(name="vlm", config=VLMExperimentConfig, build=VLMTask, generate=generate, smoke_overrides=(
+    "data.seq_length=256", "vlm.val_questions=6", "data.val_size=8", "model.lm.num_layers=1",
+    "model.vision.num_layers=1",
+)))
