@@ -109,6 +109,8 @@ def test_vqvae_sample_writes_images_beside_reconstructions(tokenizer_run, tmp_pa
 REFERENCE_PARAMS = {"var/imagenet256_d16": 310_283_520, "var/imagenet256_d20": 600_917_136,
                     "var/imagenet256_d24": 1_033_399_360, "var/imagenet256_d30": 2_010_020_356,
                     "vqvae/imagenet256": 108_948_355}
+# nanoVLM's two models: SigLIP (86M) + SmolLM2 with the 66 image tokens + the projector; about 222M and 460M.
+APPROX_PARAMS = {"vlm/nanovlm_222m": 222e6, "vlm/nanovlm_460m": 460e6}
 SHIPPED = sorted(str(p.relative_to(REPO / "configs").with_suffix("")) for p in (REPO / "configs").rglob("*.yaml"))
 
 
@@ -121,6 +123,10 @@ def build_models(cfg) -> list[torch.nn.Module]:
             return [VAR(cfg.model)]
         if cfg.task == "vqvae":
             return [VQVAE(cfg.model)]
+        if cfg.task == "vlm":
+            from vistrain.models.vlm import VisionLanguageModel, VLMConfig
+
+            return [VisionLanguageModel(VLMConfig(cfg.model.vision, cfg.model.lm, cfg.model.pixel_shuffle_factor))]
         shape = dict(resolution=cfg.data.resolution, channels=cfg.data.channels, num_classes=10)
         return [build_generator(cfg.model.generator, **shape), build_discriminator(cfg.model.discriminator, **shape)]
 
@@ -131,13 +137,16 @@ def test_every_shipped_config_loads_and_builds_its_models(name):
     count = sum(p.numel() for model in build_models(cfg) for p in model.parameters())
     if name in REFERENCE_PARAMS:
         assert count == REFERENCE_PARAMS[name]
+    if name in APPROX_PARAMS:
+        assert abs(count - APPROX_PARAMS[name]) < 0.01 * APPROX_PARAMS[name], count
     if name.startswith("var/imagenet256"):
         big = name.endswith("d30")  # the 2B model shards its state and recomputes its activations
         assert (cfg.train.parallel, cfg.train.activation_checkpointing) == (("fsdp", True) if big else ("ddp", False))
 
 
 def test_the_reference_recipes_are_all_shipped():
-    assert set(REFERENCE_PARAMS) <= set(SHIPPED) and {"gan/digits", "vqvae/digits", "var/digits"} <= set(SHIPPED)
+    assert set(REFERENCE_PARAMS) | set(APPROX_PARAMS) <= set(SHIPPED)
+    assert {"gan/digits", "vqvae/digits", "var/digits", "vlm/digits"} <= set(SHIPPED)
 
 
 def test_the_tokenizer_trains_with_perceptual_and_adversarial_losses(tmp_path, capsys):

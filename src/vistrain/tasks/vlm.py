@@ -270,7 +270,9 @@ class VLMTask(Task):
     def _answer_accuracy(self, model: VisionLanguageModel) -> dict[str, float]:
         """Greedy answers to the first val questions, scored per question type (exact match)."""
         hits: dict[str, list[int]] = {}
-        for i in range(min(self.cfg.vlm.val_questions, len(self.val_set))):
+        k = min(self.cfg.vlm.val_questions, len(self.val_set))
+        # evenly spread over the val set, so that every question type is asked whatever the data's order
+        for i in torch.linspace(0, len(self.val_set) - 1, k).round().long().tolist() if k else []:
             prompt = self.encoder.encode_prompt(self.val_set[i])
             if prompt is None or prompt.get("qtype") is None:
                 continue
