@@ -3,5 +3,5 @@
 # Extra arguments are config overrides, e.g. scripts/demo.sh train.max_steps=300
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh tensorboard
+bash scripts/setup.sh tensorboard,hf
 .venv/bin/vistrain train configs/gan/digits.yaml "$@"

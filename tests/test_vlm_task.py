@@ -164,3 +164,16 @@ def test_a_vlm_from_local_hugging_face_folders(tmp_path, capsys):
     cfg = tiny(tmp_path / "ft", "train.max_steps=1", f"model.vision_from={tmp_path / 'siglip'}",
                f"model.lm_from={tmp_path / 'llama'}", "model.pixel_shuffle_factor=2")
     make_trainer(cfg, CPU).fit()
+
+
+def test_a_streaming_source_trains_until_it_runs_out_and_says_so(tmp_path, capsys):
+    """Packed on the fly per rank; the engine stops (and saves) when the stream ends."""
+    digits_vqa("val", 16).select(range(80)).to_parquet(str(tmp_path / "part.parquet"))
+    source = f"{{name: digits, path: {tmp_path / 'part.parquet'}, streaming: true}}"
+    cfg = tiny(tmp_path / "run", "data.name=vqa", f"data.sources=[{source}]", "data.val_size=8",
+               "train.max_steps=1000", "train.ckpt_every=1000", "train.eval_every=1000", "vlm.val_questions=0")
+    make_trainer(cfg, CPU).fit()
+    out = capsys.readouterr().out
+    assert "the training data ran out after step" in out
+    steps = int(out.split("ran out after step ")[1].split(";")[0])
+    assert 0 < steps < 1000 and ckpt_lib.latest_checkpoint(tmp_path / "run" / "checkpoints").name.endswith(f"{steps:08d}")

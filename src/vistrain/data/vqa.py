@@ -335,8 +335,13 @@ def _digits_row(images: list[Any], qtype: str, answer: str) -> dict[str, Any]:
 
 
 def vqa_texts(dataset: Any) -> Iterable[str]:
-    """Every user and assistant text of a VQA data set: the corpus for ``train_tokenizer``."""
-    for turns in dataset.with_format("arrow", columns=["texts"])["texts"].to_pylist():
+    """Every user and assistant text of a VQA data set (map-style or streaming): the corpus for
+    ``train_tokenizer``."""
+    if hasattr(dataset, "__len__"):  # read the text column alone, without decoding any image
+        all_turns = dataset.with_format("arrow", columns=["texts"])["texts"].to_pylist()
+    else:
+        all_turns = (row["texts"] for row in dataset.select_columns(["texts"]))
+    for turns in all_turns:
         for turn in turns or []:
             yield turn.get("user") or ""
             yield turn.get("assistant") or ""

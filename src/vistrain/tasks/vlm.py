@@ -31,6 +31,7 @@ from vistrain.data.vqa import (
     ImageProcessor,
     PackedOrder,
     PackedVQADataset,
+    StreamingPacker,
     VQAEncoder,
     VQASource,
     add_vqa_special_tokens,
@@ -44,6 +45,7 @@ from vistrain.data.vqa import (
     vqa_texts,
 )
 from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine.dist import gather_objects
 from vistrain.engine.optim import OptimConfig
 from vistrain.engine.schedule import ScheduleConfig
 from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
@@ -65,7 +67,7 @@ class VLMDataConfig(DataConfig):
     digits_image_size: int = 32
     seq_length: int = 1024  # tokens per packed row
     max_images_per_pack: int = 18
-    max_image_size: int = 2048  # long side, a multiple of the vision tile (vision.image_size)
+    max_image_size: int = 0  # long side in pixels, a multiple of the tile (vision.image_size); 0: 4 tiles
     pack_window: int = 4096  # samples packed together (a pure function of seed and position)
     chat_template: str = "chatml"  # chatml | tokenizer (the tokenizer's own)
     min_ratings: dict[str, int] = field(default_factory=dict)  # the_cauldron rating column -> minimum
@@ -153,7 +155,7 @@ class VLMTask(Task):
         self.optimizers = {"main": OptimizerSpec("vlm", cfg.optim)}
         vcfg = model.cfg.vision
         # digits images are one tile; real images are tiled up to data.max_image_size
-        self.max_image_size = d.max_image_size if d.name == "vqa" else vcfg.image_size
+        self.max_image_size = (d.max_image_size or 4 * vcfg.image_size) if d.name == "vqa" else vcfg.image_size
         try:
             processor = ImageProcessor(vcfg.image_size, self.max_image_size, vcfg.image_mean, vcfg.image_std)
         except ValueError as e:
@@ -164,7 +166,8 @@ class VLMTask(Task):
                           else self.tokenizer.eos_token_id)
         self.eos_id = int(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
         self.packed = self._packed_stream()
-        self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.packed)]
+        self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.packed,
+                             finite_data=isinstance(self.packed, StreamingMicroBatches))]
         self.best_metric = ("val_loss", "min")
         n_lm = sum(p.numel() for p in model.lm.parameters())
         lm = model.cfg.lm
@@ -182,14 +185,16 @@ class VLMTask(Task):
                               "folders or parquet files of the_cauldron-shaped subsets)")
         try:
             train = load_vqa_sources(d.sources, d.cache_dir)
-            if train.dataset is None:
-                raise ConfigError("data.sources: streaming sources are not supported by the packed training "
-                                  "stream yet; save them to disk (datasets' save_to_disk) first")
-            if d.val_sources:
-                val = load_vqa_sources(d.val_sources, d.cache_dir).dataset
-                return train.dataset, val
+            val = load_vqa_sources(d.val_sources, d.cache_dir).dataset if d.val_sources else None
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if train.dataset is None:  # streaming: the first val_size samples are the val set, unless given
+            if val is None:
+                val = list(train.stream.take(d.val_size))
+                return train.stream.skip(d.val_size), val
+            return train.stream, val
+        if val is not None:
+            return train.dataset, val
         n = len(train.dataset)
         if n <= d.val_size:
             raise ConfigError(f"data.sources hold {n} samples; data.val_size={d.val_size} would leave none to train on")
@@ -215,8 +220,15 @@ class VLMTask(Task):
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
-    def _packed_stream(self) -> MicroBatchStream:
+    def _packed_stream(self):
         d, env = self.cfg.data, self.env
+        if not hasattr(self.train_set, "__len__"):  # a streaming source: packed on the fly, per rank
+            from datasets.distributed import split_dataset_by_node
+
+            shard = split_dataset_by_node(self.train_set, rank=env.dist.rank, world_size=env.dist.world_size)
+            packer = StreamingPacker(shard, self.encoder, d.seq_length, d.max_images_per_pack, self.pad_id,
+                                     seed=env.seed)
+            return StreamingMicroBatches(packer, env.micro_batch_size, env.dist)
         try:
             tokens, images = sample_lengths(self.train_set, self.encoder, cache_dir=d.cache_dir)
             order = PackedOrder(tokens, images, d.seq_length, d.max_images_per_pack, env.seed, window=d.pack_window)
@@ -303,6 +315,31 @@ class VLMTask(Task):
 
     def load_state_dict(self, state: dict) -> None:
         self.packed.load_state_dict(state["data"])
+
+
+class StreamingMicroBatches:
+    """Micro-batches of packed rows from a streaming source; ends with the stream (the engine then stops every
+    rank together). Each rank packs its own shard, so the data position is per rank: state_dict gathers every
+    rank's (a collective: every rank saves), and a resume on the same number of ranks takes back its own."""
+
+    def __init__(self, packer: StreamingPacker, micro_batch_size: int, dist_ctx: Any):
+        self.packer, self.micro_batch_size, self.dist = packer, micro_batch_size, dist_ctx
+
+    def __iter__(self) -> StreamingMicroBatches:
+        return self
+
+    def __next__(self) -> dict:
+        return collate_packed([next(self.packer) for _ in range(self.micro_batch_size)])
+
+    def state_dict(self) -> dict:
+        return {"ranks": gather_objects(self.packer.state_dict(), self.dist)}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = state["ranks"]
+        if len(ranks) != self.dist.world_size:
+            raise ConfigError(f"this streaming run was saved on {len(ranks)} ranks; each rank streams its own shard, "
+                              f"so it resumes on {len(ranks)} ranks only (now {self.dist.world_size})")
+        self.packer.load_state_dict(ranks[self.dist.rank])
 
 
 def build_vlm(vision_cfg: ViTConfig, lm_cfg: LlamaConfig, pixel_shuffle_factor: int, tokenizer: Any,
