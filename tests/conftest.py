@@ -25,3 +25,14 @@ def subprocess_env():
 @pytest.fixture
 def vistrain_cmd():
     return [sys.executable, "-m", "vistrain"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: on a 2-core machine a second intra-op thread costs more than it saves."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

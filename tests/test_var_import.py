@@ -31,13 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLOSE = dict(rtol=0.0, atol=1e-5)  # float32 rounding of a different but equivalent op order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a 2-core machine the second thread costs more than it saves."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,7 @@ from vistrain.models.vqvae import (
 DATA = Path(__file__).resolve().parent / "data"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a 2-core machine, waking the second thread costs more than the work
-    (measured: a 16 px conv forward+backward 90 ms with 2 threads, 4 ms with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_cfg(**kw) -> VQVAEConfig:
