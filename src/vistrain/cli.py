@@ -19,6 +19,7 @@ USAGE_EXAMPLES = """examples:
   torchrun --nproc_per_node=2 -m vistrain train configs/gan/digits.yaml
   vistrain sample runs/gan_digits --out grid.png --num 64 --labels 3,7
   vistrain import var --vae vae_ch160v4096z32.pth --var var_d16.pth --out models/var_d16
+  vistrain import nanovlm nanoVLM-460M --tokenizer SmolLM2-360M-Instruct --out models/nanovlm_460m
 """
 MAX_GRID_IMAGES = 4096  # a .png grid beyond this is unreadable and huge; .npz is for many images
 
@@ -60,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--which", choices=("latest", "best"), default="best",
                         help="for a run folder: which checkpoint (best falls back to latest when there is none)")
     imports = sub.add_parser("import", help="turn another project's weights into a vistrain model folder")
-    imports.add_argument("kind", choices=("var", "vlm"),
-                         help="var: the official FoundationVision/VAR files; vlm: a SigLIP and a Llama folder")
+    imports.add_argument("kind", choices=("var", "vlm", "nanovlm"),
+                         help="var: the official FoundationVision/VAR files; vlm: a SigLIP and a Llama folder; "
+                              "nanovlm: a folder written by huggingface/nanoVLM's save_pretrained")
+    imports.add_argument("source", nargs="?", default=None,
+                         help="nanovlm: the folder with nanoVLM's config.json and model.safetensors (or --source)")
+    imports.add_argument("--source", dest="source_opt", default=None, help="nanovlm: the same as SOURCE")
+    imports.add_argument("--tokenizer", default=None,
+                         help="nanovlm: a local folder of the tokenizer that config.json's lm_tokenizer names "
+                              "(needed unless lm_tokenizer is itself a local folder)")
     imports.add_argument("--out", required=True, help="a new folder: config.json + model.safetensors (+ assets)")
     imports.add_argument("--vae", help="var: the official tokenizer file, e.g. vae_ch160v4096z32.pth")
     imports.add_argument("--var", help="var: the official transformer file, e.g. var_d16.pth")
@@ -91,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_import(args) -> int:
+    if args.kind == "nanovlm":
+        return run_import_nanovlm(args)
+    if args.source or args.source_opt or args.tokenizer:
+        return _fail(f"import {args.kind} takes no SOURCE, --source or --tokenizer (those are for nanovlm)", 2)
     if args.kind == "vlm":
         return run_import_vlm(args)
     if not (args.vae and args.var):
@@ -130,6 +142,29 @@ def run_import_vlm(args) -> int:
     except CheckpointError as e:
         return _fail(str(e), 1)
     print(f"imported a VLM into {folder} (a new projector): fine-tune with model.init={folder}")
+    return 0
+
+
+def run_import_nanovlm(args) -> int:
+    from vistrain.engine.checkpoint import CheckpointError, write_model_folder
+    from vistrain.interop.nanovlm import NanoVLMFormatError, import_nanovlm
+
+    if args.source and args.source_opt and args.source != args.source_opt:
+        return _fail(f"import nanovlm: two sources given ({args.source} and --source {args.source_opt})", 2)
+    source = args.source or args.source_opt
+    if not source:
+        return _fail("import nanovlm needs the folder nanoVLM's save_pretrained wrote (SOURCE or --source)", 2)
+    try:
+        model_config, weights, assets = import_nanovlm(source, args.tokenizer)
+        folder = write_model_folder(Path(args.out), weights, model_config, assets)
+    except NanoVLMFormatError as e:
+        return _fail(str(e), 2)
+    except CheckpointError as e:
+        return _fail(str(e), 1)
+    grid = f"{model_config['max_image_size'] // model_config['model']['vision']['image_size']}"
+    print(f"imported nanoVLM from {source} into {folder} (images up to {grid}x{grid} tiles, processed as nanoVLM "
+          f"does): answer with `vistrain generate {folder} --image x.png --prompt '...'`, fine-tune with "
+          f"model.init={folder}")
     return 0
 
 

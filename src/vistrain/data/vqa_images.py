@@ -10,6 +10,19 @@ into one tile -- comes first, so the language model sees the overview before the
 A 1 x 1 grid has no separate tile: its one tile would be the global view again, pixel for pixel, and would
 cost a second pass of the encoder and a second run of image tokens for nothing. Such an image is just the
 global view (the token layout in vqa_text.py agrees).
+
+``resize`` picks how the grid and the pixels are made (RESIZE_MODES):
+
+* ``"vistrain"`` (the default): scale down only, each side to the NEAREST whole number of tiles; the
+  global view is a bicubic resize of the original pixels.
+* ``"nanovlm"``: what huggingface/nanoVLM does (``resize_to_max_side_len`` true, its default since
+  2025-08): the long side becomes exactly ``max_image_size`` (up- or down-scaled), the short side keeps the
+  aspect ratio rounded UP to a whole number of tiles (at least one), one bicubic resize of the whole image;
+  the tiles are cut from that, and the global view is the resized image squeezed to one tile by an
+  antialiased bilinear interpolation (a second resampling, of the resized pixels). A 1 x 1 grid is that one
+  tile. Models imported from nanoVLM use it, with mean 0 and std 1: nanoVLM feeds [0, 1] pixels unnormalised.
+* ``"nanovlm_tiles"``: nanoVLM with ``resize_to_max_side_len`` false: the long side is rounded up to a whole
+  number of tiles, at most ``max_image_size``; the rest as ``"nanovlm"``.
 """
 
 from __future__ import annotations
@@ -21,10 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 MAX_GRID_SIDE = 8  # the row/column special tokens go up to <row_8_col_8>
 _BICUBIC = getattr(Image, "Resampling", Image).BICUBIC  # PIL's bicubic is antialiased when it shrinks
+RESIZE_MODES = ("vistrain", "nanovlm", "nanovlm_tiles")  # see the module docstring
 
 
 def as_pil(image: Any) -> Image.Image:
@@ -68,7 +83,10 @@ class ImageProcessor:
         max_image_size: int,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
+        resize: str = "vistrain",
     ) -> None:
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"image resize mode {resize!r}: expected one of {', '.join(RESIZE_MODES)}.")
         if tile_size < 1:
             raise ValueError(f"data.tile_size must be a positive number of pixels, got {tile_size}.")
         if max_image_size < tile_size or max_image_size % tile_size:
@@ -85,6 +103,7 @@ class ImageProcessor:
             raise ValueError(f"image mean/std need 3 values each and std > 0, got mean={mean}, std={std}.")
         self.tile_size = tile_size
         self.max_image_size = max_image_size
+        self.resize = resize
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self._mean_3 = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
@@ -93,17 +112,35 @@ class ImageProcessor:
     def grid(self, width: int, height: int) -> tuple[int, int]:
         """(rows, cols) of an image of this size.
 
-        Scale down (never up) so the long side fits ``max_image_size``, then round each side to the NEAREST
-        multiple of the tile, at least one tile. Nearest rather than up: a 520 px side becomes one 512 tile,
-        not two tiles of mostly stretched pixels. Since max_image_size is a multiple of the tile, rounding
-        never takes the long side past it.
+        resize="vistrain": scale down (never up) so the long side fits ``max_image_size``, then round each
+        side to the NEAREST multiple of the tile, at least one tile. Nearest rather than up: a 520 px side
+        becomes one 512 tile, not two tiles of mostly stretched pixels. Since max_image_size is a multiple of
+        the tile, rounding never takes the long side past it. resize="nanovlm*": nanovlm_size() in tiles.
         """
         if width < 1 or height < 1:
             raise ValueError(f"image has an empty side: {width} x {height} pixels")
+        if self.resize != "vistrain":
+            new_w, new_h = self.nanovlm_size(width, height)
+            return new_h // self.tile_size, new_w // self.tile_size
         scale = min(1.0, self.max_image_size / max(width, height))
         rows = max(1, math.floor(height * scale / self.tile_size + 0.5))
         cols = max(1, math.floor(width * scale / self.tile_size + 0.5))
         return rows, cols
+
+    def nanovlm_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) nanoVLM resizes an image to: whole tiles, the long side (width on ties) set first.
+
+        The arithmetic is nanoVLM's, in the same float operations: long side L, short side S, tile t, maximum
+        M; target long side M ("nanovlm") or min(M, ceil(L / t) t) ("nanovlm_tiles"); scale = target / L;
+        short side max(t, ceil(S * scale / t) t).
+        """
+        t, m = self.tile_size, self.max_image_size
+        landscape = width >= height
+        long, short = (width, height) if landscape else (height, width)
+        target_long = m if self.resize == "nanovlm" else min(m, math.ceil(long / t) * t)
+        scale = target_long / long
+        target_short = max(t, math.ceil(short * scale / t) * t)
+        return (target_long, target_short) if landscape else (target_short, target_long)
 
     @staticmethod
     def num_views(rows: int, cols: int) -> int:
@@ -116,6 +153,8 @@ class ImageProcessor:
         return (x_3HW - self._mean_3) / self._std_3
 
     def __call__(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.resize != "vistrain":
+            return self._nanovlm(as_pil(image))
         image = to_rgb(as_pil(image))
         rows, cols = self.grid(*image.size)
         t = self.tile_size
@@ -127,3 +166,17 @@ class ImageProcessor:
             tiles = big_3HW.view(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
             views.append(tiles)
         return torch.cat([v.view(-1, 3, t, t) for v in views]), (rows, cols)
+
+    def _nanovlm(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        # nanoVLM converts with a plain convert("RGB") (transparent pixels keep their hidden colour)
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        new_w, new_h = self.nanovlm_size(*image.size)
+        rows, cols, t = new_h // self.tile_size, new_w // self.tile_size, self.tile_size
+        x_HW3 = torch.from_numpy(np.asarray(image.resize((new_w, new_h), _BICUBIC), dtype=np.uint8).copy())
+        big_3HW = x_HW3.permute(2, 0, 1).to(torch.float32) / 255.0
+        # (3, rows*t, cols*t) -> (rows*cols, 3, t, t), row-major: the order of the row/column tokens.
+        tiles = big_3HW.view(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
+        if rows * cols > 1:
+            glob = F.interpolate(big_3HW[None], size=(t, t), mode="bilinear", align_corners=False, antialias=True)
+            tiles = torch.cat([glob, tiles])
+        return (tiles - self._mean_3) / self._std_3, (rows, cols)

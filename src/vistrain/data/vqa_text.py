@@ -11,8 +11,10 @@ where IMAGES, for each image in order, is
     <row_1_col_1> <|image|> x T  <row_1_col_2> ...          each tile, row-major (only for 2+ tiles)
 
 and T = image_token_length, the encoder's tokens per tile after pixel shuffle. Images go before the text of
-the first user turn. The loss covers each answer and its end-of-turn token, so the model learns to stop;
-every other token has label -100. Labels are aligned with input_ids: the model shifts them.
+the first user turn. With ``image_labels`` (nanoVLM's layout) a sample of several images puts the plain text
+``<image: k>`` (k from 0) before each image's tokens; a single image gets no label. The loss covers each
+answer and its end-of-turn token, so the model learns to stop; every other token has label -100. Labels are
+aligned with input_ids: the model shifts them.
 
 One code path builds the text and the character spans of the answers, tokenises the whole text once and
 labels the tokens that overlap a span. With ``chat_template="tokenizer"`` the tokenizer's own chat template
@@ -122,6 +124,7 @@ class VQAEncoder:
         chat_template: "chatml" (built here) or "tokenizer" (``tokenizer.apply_chat_template``).
         min_ratings: minimum rating per rating column (None or absent: no filter on that column); defaults
             to 1 on every column, which drops only turns rated 0.
+        image_labels: ``<image: k>`` before each image of a multi-image sample, as nanoVLM writes them.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class VQAEncoder:
         image_token_length: int,
         chat_template: str = "chatml",
         min_ratings: Optional[Mapping[str, Optional[int]]] = None,
+        image_labels: bool = False,
     ) -> None:
         if chat_template not in ("chatml", "tokenizer"):
             raise ValueError(f"data.chat_template must be 'chatml' or 'tokenizer', got {chat_template!r}.")
@@ -150,6 +154,7 @@ class VQAEncoder:
         self.image_token_length = image_token_length
         self.chat_template = chat_template
         self.min_ratings = min_ratings
+        self.image_labels = bool(image_labels)
         needed = vqa_special_tokens() + ([IM_START, IM_END] if chat_template == "chatml" else [])
         missing = [t for t in needed if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
         if missing:
@@ -172,8 +177,14 @@ class VQAEncoder:
             parts += [grid_token(i, j) + run for i in range(1, rows + 1) for j in range(1, cols + 1)]
         return "".join(parts)
 
+    def images_string(self, grids: Sequence[tuple[int, int]]) -> str:
+        """The tokens of all images of a sample, in order (with their labels under image_labels)."""
+        labelled = self.image_labels and len(grids) > 1
+        return "".join((f"<image: {k}>" if labelled else "") + self.image_string(r, c)
+                       for k, (r, c) in enumerate(grids))
+
     def _messages(self, turns: Sequence[tuple[str, str]], grids: Sequence[tuple[int, int]]) -> list[dict]:
-        images = "".join(self.image_string(r, c) for r, c in grids)
+        images = self.images_string(grids)
         messages = []
         for k, (user, assistant) in enumerate(turns):
             messages.append({"role": "user", "content": (images if k == 0 else "") + user})
@@ -306,6 +317,12 @@ class VQAEncoder:
             "max_image_size": self.image_processor.max_image_size,
             "min_ratings": sorted(self.min_ratings.items()),
         }
+        # only when not the defaults, so that the caches of earlier versions stay valid
+        resize = getattr(self.image_processor, "resize", "vistrain")
+        if resize != "vistrain":
+            settings["image_resize"] = resize
+        if self.image_labels:
+            settings["image_labels"] = True
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -156,12 +156,16 @@ class VLMTask(Task):
         vcfg = model.cfg.vision
         # digits images are one tile; real images are tiled up to data.max_image_size
         self.max_image_size = (d.max_image_size or 4 * vcfg.image_size) if d.name == "vqa" else vcfg.image_size
+        # a model imported from elsewhere (nanoVLM) keeps its image processing when fine-tuned
+        self.image_style = image_style(ckpt_lib.load_model_config(_model_folder(cfg.model.init, "model.init"))
+                                       if cfg.model.init else {})
         try:
-            processor = ImageProcessor(vcfg.image_size, self.max_image_size, vcfg.image_mean, vcfg.image_std)
+            processor = ImageProcessor(vcfg.image_size, self.max_image_size, vcfg.image_mean, vcfg.image_std,
+                                       resize=self.image_style.get("image_resize", "vistrain"))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.encoder = VQAEncoder(self.tokenizer, processor, model.cfg.image_token_length, d.chat_template,
-                                  d.min_ratings or None)
+                                  d.min_ratings or None, image_labels=self.image_style.get("image_labels", False))
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                           else self.tokenizer.eos_token_id)
         self.eos_id = int(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
@@ -305,7 +309,8 @@ class VLMTask(Task):
 
     def model_config(self) -> dict:
         return {"task": "vlm", "model": dataclasses.asdict(self.nets["vlm"].cfg),
-                "chat_template": self.cfg.data.chat_template, "max_image_size": self.max_image_size}
+                "chat_template": self.cfg.data.chat_template, "max_image_size": self.max_image_size,
+                **self.image_style}
 
     def assets(self) -> dict[str, bytes]:
         return tokenizer_assets(self.tokenizer)
@@ -376,6 +381,18 @@ def import_hf(vision_from: str, lm_from: str, pixel_shuffle_factor: int) -> tupl
     return model_config, weights, tokenizer_assets(tokenizer)
 
 
+def image_style(model_config: dict) -> dict[str, Any]:
+    """A model folder's image processing keys that differ from vistrain's defaults: image_resize (an
+    ImageProcessor resize mode, "vistrain" when absent) and image_labels (VQAEncoder's, false when absent).
+    Models imported from nanoVLM have both (interop/nanovlm.py)."""
+    style: dict[str, Any] = {}
+    if model_config.get("image_resize", "vistrain") != "vistrain":
+        style["image_resize"] = str(model_config["image_resize"])
+    if model_config.get("image_labels"):
+        style["image_labels"] = True
+    return style
+
+
 def _next_token_loss(logits_BTV: Tensor, labels_BT: Tensor) -> tuple[Tensor, Tensor]:
     """Cross entropy summed over the labelled next tokens, and their count (a device tensor, no sync)."""
     logits, labels = logits_BTV[:, :-1].float(), labels_BT[:, 1:]
@@ -411,20 +428,37 @@ def load_vlm(folder: Path, device: torch.device | str = "cpu") -> VisionLanguage
 # ------------------------------------------------------------------------------------------ generation
 
 
-def generate(folder: Path, images: list[str], prompt: str, max_new_tokens: int, greedy: bool, temperature: float,
-             top_k: int, top_p: float, seed: int, device: torch.device) -> str:
-    """`vistrain generate`: one answer to a prompt about the given images, from a checkpoint or model folder."""
-    from PIL import Image
-
+def load_for_generation(folder: Path, device: torch.device | str = "cpu") -> tuple[VisionLanguageModel, Any,
+                                                                                 VQAEncoder, int]:
+    """(model, tokenizer, prompt encoder, eos id) of a checkpoint or model folder, as `vistrain generate` uses
+    them: the folder's config.json says how images are processed (max_image_size, image_resize,
+    image_labels), which chat template renders the prompt, and which token ends an answer (eos_token,
+    default <|im_end|>)."""
+    folder = Path(folder)
     model = load_vlm(folder, device)
     model_config = ckpt_lib.load_model_config(folder)
     if not (folder / TOKENIZER_DIR).is_dir():
         raise ValueError(f"{folder} has no {TOKENIZER_DIR}/ folder: export or import the model with vistrain")
     tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
     vcfg = model.cfg.vision
+    style = image_style(model_config)
     processor = ImageProcessor(vcfg.image_size, model_config.get("max_image_size", vcfg.image_size),
-                               vcfg.image_mean, vcfg.image_std)
-    encoder = VQAEncoder(tokenizer, processor, model.cfg.image_token_length, model_config.get("chat_template", "chatml"))
+                               vcfg.image_mean, vcfg.image_std, resize=style.get("image_resize", "vistrain"))
+    encoder = VQAEncoder(tokenizer, processor, model.cfg.image_token_length,
+                         model_config.get("chat_template", "chatml"), image_labels=style.get("image_labels", False))
+    eos_token = str(model_config.get("eos_token", "<|im_end|>"))
+    eos_id = tokenizer.convert_tokens_to_ids(eos_token)
+    if eos_id is None or eos_id == tokenizer.unk_token_id and eos_token != tokenizer.unk_token:
+        raise ValueError(f"{folder}: the eos_token {eos_token!r} of config.json is not in its tokenizer")
+    return model, tokenizer, encoder, int(eos_id)
+
+
+def generate(folder: Path, images: list[str], prompt: str, max_new_tokens: int, greedy: bool, temperature: float,
+             top_k: int, top_p: float, seed: int, device: torch.device) -> str:
+    """`vistrain generate`: one answer to a prompt about the given images, from a checkpoint or model folder."""
+    from PIL import Image
+
+    model, tokenizer, encoder, eos_id = load_for_generation(folder, device)
     pictures = []
     for path in images:
         try:
@@ -432,7 +466,6 @@ def generate(folder: Path, images: list[str], prompt: str, max_new_tokens: int, 
         except (OSError, ValueError) as e:
             raise ValueError(f"--image {path}: cannot be read as an image ({e})") from None
     encoded = encoder.encode_prompt({"images": pictures, "texts": [{"user": prompt, "assistant": ""}]})
-    eos_id = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     generator = torch.Generator(device).manual_seed(seed)
     ids = model.generate(encoded["input_ids"][None].to(device), encoded["pixel_values"].to(device),
                          max_new_tokens=max_new_tokens, eos_token_id=eos_id, greedy=greedy, temperature=temperature,
