@@ -147,7 +147,8 @@ def run_import_vlm(args) -> int:
 
 def run_import_nanovlm(args) -> int:
     from vistrain.engine.checkpoint import CheckpointError, write_model_folder
-    from vistrain.interop.nanovlm import NanoVLMFormatError, import_nanovlm
+    from vistrain.interop.nanovlm import NanoVLMFormatError
+    from vistrain.tasks.vlm import import_nanovlm
 
     if args.source and args.source_opt and args.source != args.source_opt:
         return _fail(f"import nanovlm: two sources given ({args.source} and --source {args.source_opt})", 2)

@@ -342,10 +342,9 @@ def nanovlm_tokenizer(config: dict, tokenizer_dir: Optional[str | Path] = None, 
 # --------------------------------------------------------------------------------------------- the import
 
 
-def import_nanovlm(folder: str | Path, tokenizer_dir: Optional[str | Path] = None) -> tuple[dict, dict, dict]:
-    """`vistrain import nanovlm`: (model_config, weights, assets) of a vistrain model folder from a nanoVLM one."""
-    from vistrain.tasks.vlm import tokenizer_assets
-
+def import_nanovlm(folder: str | Path, tokenizer_dir: Optional[str | Path] = None) -> tuple[dict, dict, Any]:
+    """(model_config, weights, tokenizer) of a vistrain model folder from a nanoVLM one; the caller saves the
+    tokenizer with it (tasks/vlm.py)."""
     folder = Path(folder)
     config = read_nanovlm_config(folder)
     source = str(folder / CONFIG_FILE)
@@ -363,4 +362,4 @@ def import_nanovlm(folder: str | Path, tokenizer_dir: Optional[str | Path] = Non
         "eos_token": str(tokenizer.eos_token),
         "imported_from": {"format": "nanovlm", "folder": str(folder.resolve()), "config": config},
     }
-    return model_config, {WEIGHTS_PREFIX + k: v for k, v in weights.items()}, tokenizer_assets(tokenizer)
+    return model_config, {WEIGHTS_PREFIX + k: v for k, v in weights.items()}, tokenizer

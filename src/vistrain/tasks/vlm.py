@@ -393,6 +393,14 @@ def image_style(model_config: dict) -> dict[str, Any]:
     return style
 
 
+def import_nanovlm(folder: str, tokenizer_dir: Optional[str] = None) -> tuple[dict, dict, dict]:
+    """`vistrain import nanovlm`: (model_config, weights, assets) of a vistrain model folder from a nanoVLM one."""
+    from vistrain.interop import nanovlm
+
+    model_config, weights, tokenizer = nanovlm.import_nanovlm(folder, tokenizer_dir)
+    return model_config, weights, tokenizer_assets(tokenizer)
+
+
 def _next_token_loss(logits_BTV: Tensor, labels_BT: Tensor) -> tuple[Tensor, Tensor]:
     """Cross entropy summed over the labelled next tokens, and their count (a device tensor, no sync)."""
     logits, labels = logits_BTV[:, :-1].float(), labels_BT[:, 1:]
