@@ -22,7 +22,7 @@ from omegaconf import errors as oc_errors
 
 from vistrain.data.config import DataConfig
 from vistrain.engine import config as engine_config
-from vistrain.engine.config import RunConfig, TrainConfig
+from vistrain.engine.config import EvalConfig, RunConfig, TrainConfig
 from vistrain.engine.optim import OptimConfig, validate as validate_optim
 from vistrain.errors import ConfigError
 
@@ -35,6 +35,7 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
@@ -61,7 +62,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
 
 def validate(cfg: ExperimentConfig) -> None:
     """Checks that the type system cannot express, each naming the full key."""
-    engine_config.validate(cfg.run, cfg.train)
+    engine_config.validate(cfg.run, cfg.train, cfg.eval)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers}: must be >= 0 (0 loads in the training process)")
     for key, optim in _sections_of_type(cfg, OptimConfig):

@@ -54,13 +54,45 @@ class TrainConfig:
     profile_steps: int = 5
 
 
+EVAL_MODES = ("sync", "local", "slurm")
+
+
+@dataclass
+class SlurmEvalConfig:
+    """Where `eval.mode=slurm` submits its jobs (through submitit)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time_min: int = 60
+    gpus: int = 1
+    cpus: int = 8
+    mem_gb: int = 32
+
+
+@dataclass
+class EvalConfig:
+    """Metrics of generated samples (`vistrain eval`), in the loop or as jobs beside training."""
+
+    metrics: list[str] = field(default_factory=list)  # e.g. [fid, kid, is, pr] or [judge]; empty: none
+    num_samples: int = 10000
+    batch_size: int = 250
+    ref: Optional[str] = None  # reference images: a folder, or a stats .npz (mu, sigma, count[, features])
+    detector: Optional[str] = None  # the FID Inception TorchScript file; none: downloaded when online
+    mode: str = "sync"  # sync: at train.eval_every, in the loop | local: a process per checkpoint | slurm
+    device: str = "auto"  # the device of local jobs (the training's GPU stays the training's)
+    max_jobs: int = 1  # eval jobs running at once; later checkpoints wait their turn
+    slurm: SlurmEvalConfig = field(default_factory=SlurmEvalConfig)
+    best: Optional[str] = None  # the metric that picks `best` (e.g. fid); none: the task's own choice
+    best_mode: str = "min"  # min | max
+
+
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
         shown = ", ".join("false" if c is False else str(c) for c in choices)
         raise ConfigError(f"{key}={value!r}: expected one of {shown}")
 
 
-def validate(run: RunConfig, train: TrainConfig) -> None:
+def validate(run: RunConfig, train: TrainConfig, evaluation: Optional[EvalConfig] = None) -> None:
     """Checks of the engine's keys that the type system cannot express; messages name the full key."""
     if not (isinstance(run.seed, int) or run.seed == "random"):
         raise ConfigError(f"run.seed={run.seed!r}: expected an integer or 'random'")
@@ -81,6 +113,15 @@ def validate(run: RunConfig, train: TrainConfig) -> None:
     for key in ("micro_batch_size", "keep_last", "grad_clip", "peak_tflops", "profile_start"):
         if getattr(train, key) < 0:
             raise ConfigError(f"train.{key}={getattr(train, key)}: must be >= 0 (0 = {_ZERO_MEANS[key]})")
+    if evaluation is not None:
+        _choice("eval.mode", evaluation.mode, EVAL_MODES)
+        _choice("eval.best_mode", evaluation.best_mode, ("min", "max"))
+        _choice("eval.device", evaluation.device, DEVICES)
+        for key in ("num_samples", "batch_size", "max_jobs"):
+            if getattr(evaluation, key) < 1:
+                raise ConfigError(f"eval.{key}={getattr(evaluation, key)}: must be at least 1")
+        if evaluation.mode != "sync" and not evaluation.metrics:
+            raise ConfigError(f"eval.mode={evaluation.mode} runs eval jobs for eval.metrics, which is empty")
     if train.parallel == "fsdp" and train.precision == "fp16":
         raise ConfigError(
             "train.precision=fp16 with train.parallel=fsdp: loss scaling over sharded gradients is not "
