@@ -455,9 +455,10 @@ def update_best(root: Path, ckpt: Path, metric_name: str, value: float, mode: st
     return True
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+def prune_checkpoints(root: Path, keep_last: int, keep: frozenset[str] = frozenset()) -> list[Path]:
     """Delete all but the newest `keep_last` step folders (by step number); the folders named by
-    `best` and `latest` are always kept. keep_last <= 0 keeps everything. Returns the deleted paths.
+    `best` and `latest`, and those in `keep` (say, awaiting an eval job), are always kept. keep_last <= 0
+    keeps everything. Returns the deleted paths.
 
     Each folder is first renamed to a `.tmp-*` name, so a crash mid-delete never leaves a partial
     `step_*` folder behind (the next save removes the remainder).
@@ -465,7 +466,7 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     root = Path(root)
     if keep_last <= 0:
         return []
-    keep = {p.name for p in _step_dirs(root)[-keep_last:]}
+    keep = {p.name for p in _step_dirs(root)[-keep_last:]} | set(keep)
     keep.update(n for n in (_read_pointer(root, BEST_FILE), _read_pointer(root, LATEST_FILE)) if n)
     deleted = []
     for path in _step_dirs(root):

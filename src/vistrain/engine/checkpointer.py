@@ -19,6 +19,7 @@ rules of checkpoint.py hold either way (a folder appears only complete, `latest`
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Optional
@@ -63,12 +64,17 @@ class Checkpointer:
         sharded: bool,
         async_save: bool,
         keep_last: int,
+        protected: Callable[[], set[str]] = set,
     ) -> None:
+        """`protected()` names checkpoint folders that pruning must keep for now (eval jobs still read them)."""
         self.root = Path(root)
         self.dist = dist_ctx
         self.nets, self.saved = nets, saved
         self.optimizers, self.scalers = optimizers, scalers
         self.sharded, self.async_save, self.keep_last = sharded, async_save, keep_last
+        self.protected = protected
+        # `best` is moved by the save thread and, for eval job results, by the training thread: one at a time
+        self._best_lock = threading.Lock()
         # Sharded saves run collectives; in the background they get a gloo group of their own, so they never
         # interleave with the training thread's collectives.
         self._group = dist.new_group(backend="gloo") if sharded and dist.is_initialized() else None
@@ -128,9 +134,17 @@ class Checkpointer:
 
     def _write_and_commit(self, step, weights, model_config, train_state, metrics, best, assets) -> None:
         path = ckpt_lib.finish_checkpoint(self.root, step, weights, model_config, train_state, metrics, assets)
-        if best is not None and metrics and best[0] in metrics:
-            ckpt_lib.update_best(self.root, path, best[0], metrics[best[0]], mode=best[1])
-        ckpt_lib.prune_checkpoints(self.root, self.keep_last)
+        with self._best_lock:
+            if best is not None and metrics and best[0] in metrics:
+                ckpt_lib.update_best(self.root, path, best[0], metrics[best[0]], mode=best[1])
+            ckpt_lib.prune_checkpoints(self.root, self.keep_last, keep=frozenset(self.protected()))
+
+    def update_best(self, path: Path, metric: str, value: float, mode: str) -> bool:
+        """Offer a metric that arrived later (an eval job's) for `best`; the main rank only."""
+        with self._best_lock:
+            if not path.is_dir():
+                return False  # pruned meanwhile (it was not best then, nor protected)
+            return ckpt_lib.update_best(self.root, path, metric, value, mode=mode)
 
     def wait(self) -> None:
         """Finish the save in flight, if any; a failure of it is raised here."""

@@ -6,6 +6,7 @@ the engine reads only these two.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -67,6 +68,7 @@ class SlurmEvalConfig:
     gpus: int = 1
     cpus: int = 8
     mem_gb: int = 32
+    cluster: Optional[str] = None  # submitit's cluster: none finds SLURM; "local" runs the jobs here (tests)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class EvalConfig:
     slurm: SlurmEvalConfig = field(default_factory=SlurmEvalConfig)
     best: Optional[str] = None  # the metric that picks `best` (e.g. fid); none: the task's own choice
     best_mode: str = "min"  # min | max
+    wait_at_end: bool = True  # a run that reaches max_steps waits for its eval jobs (false: leaves them running)
 
 
 def _choice(key: str, value, choices) -> None:
@@ -116,7 +119,8 @@ def validate(run: RunConfig, train: TrainConfig, evaluation: Optional[EvalConfig
     if evaluation is not None:
         _choice("eval.mode", evaluation.mode, EVAL_MODES)
         _choice("eval.best_mode", evaluation.best_mode, ("min", "max"))
-        _choice("eval.device", evaluation.device, DEVICES)
+        if evaluation.device not in DEVICES and not re.fullmatch(r"cuda:\d+", evaluation.device):
+            raise ConfigError(f"eval.device={evaluation.device!r}: expected auto, cpu, cuda or cuda:N")
         for key in ("num_samples", "batch_size", "max_jobs"):
             if getattr(evaluation, key) < 1:
                 raise ConfigError(f"eval.{key}={getattr(evaluation, key)}: must be at least 1")

@@ -28,6 +28,7 @@ from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine import config as engine_config
 from vistrain.engine.checkpointer import Checkpointer, verify_on_main_rank
 from vistrain.engine.dist import DistContext, all_reduce_sum, any_rank, broadcast_object, gather_objects
+from vistrain.engine.evaljobs import EvalCommand, EvalJobs, LocalLauncher, SlurmLauncher
 from vistrain.engine.images import save_png
 from vistrain.engine.loggers import LoggerGroup, build_loggers
 from vistrain.engine.metrics import DeviceTimer, MetricAccumulator, device_peak_tflops, peak_memory_mb
@@ -64,11 +65,15 @@ class DataExhausted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Any, build_task: Callable[[TaskEnv], Task], dist_ctx: DistContext):
-        """`cfg` names its `task` and has the engine's `run` and `train` sections (and the task's own sections,
-        which only the task reads); `build_task` makes the task once the seed is set."""
-        engine_config.validate(cfg.run, cfg.train)
+    def __init__(self, cfg: Any, build_task: Callable[[TaskEnv], Task], dist_ctx: DistContext,
+                 eval_command: Optional[EvalCommand] = None):
+        """`cfg` names its `task` and has the engine's `run` and `train` sections, optionally `eval` (and the
+        task's own sections, which only the task reads); `build_task` makes the task once the seed is set;
+        `eval_command(checkpoint, result_file)` is the command line of an eval job (eval.mode local | slurm)."""
+        self.eval_cfg = getattr(cfg, "eval", None)
+        engine_config.validate(cfg.run, cfg.train, self.eval_cfg)
         self.cfg = cfg
+        self._eval_command = eval_command
         self.dist = dist_ctx
         self.device = dist_ctx.device
         self.out_dir = Path(cfg.run.out_dir)
@@ -112,6 +117,10 @@ class Trainer:
 
         for spec in task.optimizers.values():
             freeze_zero_lr(task.nets[spec.net], spec.config)
+        ev = self.eval_cfg
+        # the metric that picks `best`: eval.best when set, else the task's choice
+        self.best = (ev.best, ev.best_mode) if ev is not None and ev.best else task.best_metric
+        self.eval_jobs = self._build_eval_jobs()
         self.parallel = Parallel(task.nets, task.trainable, cfg.train, self.dist)
         self.optimizers = {name: build_optimizer(task.nets[spec.net], spec.config)
                            for name, spec in task.optimizers.items()}
@@ -126,6 +135,7 @@ class Trainer:
             optimizers={name: (opt, task.optimizers[name].net) for name, opt in self.optimizers.items()},
             scalers=self.scalers, sharded=self.parallel.fsdp, async_save=cfg.train.async_checkpoint,
             keep_last=cfg.train.keep_last,
+            protected=self.eval_jobs.protected if self.eval_jobs is not None else set,
         )
 
         self.step = 0
@@ -145,6 +155,30 @@ class Trainer:
         self._fwd_bwd = DeviceTimer(self.device)
         self._window_steps = 0
         self._peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.device, cfg.train.precision)
+
+    def _build_eval_jobs(self) -> Optional[EvalJobs]:
+        """The eval jobs beside training (eval.mode local | slurm), on the main rank; None otherwise."""
+        ev = self.eval_cfg
+        if ev is None or ev.mode == "sync" or not self.dist.is_main:
+            return None
+        if self._eval_command is None:
+            raise ConfigError(f"eval.mode={ev.mode}: this trainer was built without an eval command; build it "
+                              "with vistrain.tasks.make_trainer, or set eval.mode=sync")
+        if ev.mode == "local":
+            launcher, poll_every_s = LocalLauncher(), 1.0
+        else:  # slurm: state queries go to the scheduler, so ask less often
+            launcher, poll_every_s = SlurmLauncher(self.out_dir / "eval" / "slurm", ev.slurm, ev.slurm.cluster), 10.0
+        return EvalJobs(self.out_dir, self._eval_command, launcher, ev.max_jobs, self._log_eval_result,
+                        poll_every_s=poll_every_s)
+
+    def _log_eval_result(self, step: int, checkpoint: Path, metrics: dict) -> None:
+        """An eval job's results: logged at the step of the checkpoint it evaluated, offered for `best`."""
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.loggers.log_metrics(step, "eval", values)
+        if self.best is not None and self.best[0] in values:
+            metric, mode = self.best
+            if self.checkpointer.update_best(checkpoint, metric, values[metric], mode):
+                print(f"best is now {checkpoint.name} ({metric} {values[metric]:.4g})", flush=True)
 
     def _read_resume_state(self, path: Path) -> dict:
         """Verify the checkpoint (every file against its checksum) and read its small train state."""
@@ -220,7 +254,11 @@ class Trainer:
                 finally:
                     try:
                         self.checkpointer.wait()
+                        if self.eval_jobs is not None and not failed and self.eval_cfg.wait_at_end:
+                            self.eval_jobs.wait()
                     finally:
+                        if self.eval_jobs is not None:
+                            self.eval_jobs.report_pending()
                         if self._loggers is not None:
                             self._loggers.close()
         finally:
@@ -256,7 +294,11 @@ class Trainer:
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 self._evaluate()
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
+                if self.eval_jobs is not None:
+                    self.eval_jobs.submit(self.step, saved)
+            if self.eval_jobs is not None:
+                self.eval_jobs.poll()  # start queued jobs, log the results that arrived
             if any_rank(self._stop_requested, self.dist):
                 if not self._saved_this_step():
                     self.save_checkpoint()
@@ -443,7 +485,7 @@ class Trainer:
         metrics = self._last_eval[1] if self._last_eval and self._last_eval[0] == self.step else None
         assets = self.task.assets() if self.dist.is_main else None
         return self.checkpointer.save(self.step, run_state, self.task.model_config(), metrics,
-                                      best=self.task.best_metric, assets=assets)
+                                      best=self.best, assets=assets)
 
     # ------------------------------------------------------------------------ profiling, preemption
 
