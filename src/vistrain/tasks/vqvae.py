@@ -277,26 +277,42 @@ def load_vqvae(model_config: dict, weights: dict[str, Tensor], device: torch.dev
     return vae.to(device).eval().requires_grad_(False)
 
 
+def val_images(model_config: dict):
+    return build_image_dataset(ImageDataConfig(**model_config["data"]), "val")
+
+
+def reconstruct(model_config: dict, weights: dict[str, Tensor], first: int, count: int, batch_size: int,
+                device: torch.device, val_set=None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(originals, reconstructions) of val images first .. first + count - 1, in chunks, on the CPU."""
+    vae = load_vqvae(model_config["model"], weights, device)
+    val_set = val_set if val_set is not None else val_images(model_config)
+    if first + count > len(val_set):
+        raise ValueError(f"images {first}..{first + count - 1} asked for: the val set has {len(val_set)}")
+    with torch.no_grad():
+        for start in range(first, first + count, batch_size):
+            real = torch.stack([val_set[i]["image"] for i in range(start, min(first + count, start + batch_size))])
+            yield real, vae.idx_to_img(vae.img_to_idx(real.to(device))).float().cpu()
+
+
 def sample(model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
            device: torch.device) -> Iterator[Tensor]:
     """`num` images: val images each followed by its reconstruction, in chunks."""
     if request.labels:
         raise ValueError("--labels: a tokenizer reconstructs val images; it takes no class labels")
-    vae = load_vqvae(model_config["model"], weights, device)
-    val_set = build_image_dataset(ImageDataConfig(**model_config["data"]), "val")
+    val_set = val_images(model_config)
     if request.num > 2 * len(val_set):
         raise ValueError(f"--num {request.num}: the val set has {len(val_set)} images, so at most {2 * len(val_set)}")
     pairs = (request.num + 1) // 2
-    per_chunk = max(1, request.batch_size // 2)
-    with torch.no_grad():
-        for start in range(0, pairs, per_chunk):
-            real = torch.stack([val_set[i]["image"] for i in range(start, min(pairs, start + per_chunk))])
-            both = interleave(real, vae.idx_to_img(vae.img_to_idx(real.to(device))))
-            yield both[: request.num - 2 * start]
+    done = 0
+    for real, recon in reconstruct(model_config, weights, 0, pairs, max(1, request.batch_size // 2), device, val_set):
+        both = interleave(real, recon)
+        yield both[: request.num - 2 * done]
+        done += len(real)
 
 
 register(TaskSpec(
-    name="vqvae", config=VQVAEExperimentConfig, build=VQVAETask, sample=sample,
+    name="vqvae", config=VQVAEExperimentConfig, build=VQVAETask, sample=sample, reconstruct=reconstruct,
+    reconstruct_count=lambda model_config: len(val_images(model_config)),
     grid_columns=lambda model_config, request: 2 * pairs_per_row(request.num),
     smoke_overrides=("data.resolution=16", "model.ch=32", "model.ch_mult=[1,2,2]", "model.num_res_blocks=1",
                      "model.vocab_size=64", "model.z_channels=8", "model.patch_nums=[1,2,4]",

@@ -1,0 +1,146 @@
+"""Scoring images for any list of metric names: what `vistrain eval` and the tasks' in-loop evals share.
+
+    fid, kid, is, pr     generated images against reference statistics, through the feature detector
+    judge                the digits judge: fd_judge, is_judge and (given labels) class_acc
+    rfid, psnr, ssim     reconstructions against their originals (tokenizers)
+
+A scorer loads everything it needs when it is built -- the detector, the reference statistics, the judge -- so
+a missing file fails in seconds, before any image is generated. Images come in as they are made: chunks in
+[-1, 1], N x C x H x W, each rank its own share; every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vistrain.engine.dist import DistContext, barrier, gather_objects
+from vistrain.errors import ConfigError
+
+DETECTOR_METRICS = ("fid", "kid", "is", "pr")
+JUDGE = "judge"
+RECONSTRUCTION_METRICS = ("rfid", "psnr", "ssim")
+SAMPLE_METRICS = DETECTOR_METRICS + (JUDGE,)
+NEEDS_REF = ("fid", "kid", "pr")
+JUDGE_MAX_RESOLUTION = 64  # the judge knows digits; bigger images are not what it was made for
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] images -> uint8 N x 3 x H x W, the detector's input (grey images repeated to three channels)."""
+    out = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return out.expand(-1, 3, -1, -1) if out.shape[1] == 1 else out
+
+
+class ImageScorer:
+    def __init__(self, metrics: list[str], *, ref: Optional[str] = None, detector: Optional[str] = None,
+                 device: torch.device = torch.device("cpu"), batch_size: int = 64,
+                 dist_ctx: Optional[DistContext] = None, reconstructions: bool = False):
+        """`metrics` from SAMPLE_METRICS, or RECONSTRUCTION_METRICS when `reconstructions`; `ref` a folder of
+        images or a stats .npz (fid, kid, pr of samples); `detector` the Inception TorchScript file (none: the
+        torch hub cache, downloaded when online)."""
+        allowed = RECONSTRUCTION_METRICS if reconstructions else SAMPLE_METRICS
+        unknown = [m for m in metrics if m not in allowed]
+        if unknown or not metrics:
+            kind = "reconstructions (a tokenizer)" if reconstructions else "generated samples"
+            raise ConfigError(f"metrics {','.join(unknown) or '(none)'}: for {kind} choose from {', '.join(allowed)}")
+        self.metrics, self.dist = list(metrics), dist_ctx
+        self.detector = None
+        if any(m in DETECTOR_METRICS or m == "rfid" for m in metrics):
+            from vistrain.eval.detector import load_detector
+
+            self.detector = load_detector(detector, device, batch_size=batch_size)
+        self.ref = None
+        if any(m in NEEDS_REF for m in metrics):
+            if not ref:
+                raise ConfigError(f"{', '.join(m for m in metrics if m in NEEDS_REF)} compare with real images: "
+                                  "give --ref (eval.ref): a folder of images or a statistics .npz")
+            self.ref = self._reference(ref, batch_size)
+        self.judge = None
+        if JUDGE in metrics:
+            from vistrain.eval.digits_judge import DigitsJudge
+
+            self.judge = DigitsJudge.load()
+
+    def _reference(self, ref: str, batch_size: int):
+        from vistrain.eval.stats import reference_features
+
+        ctx = self.dist
+        if ctx is None or not ctx.distributed:
+            return reference_features(ref, self.detector, batch_size)
+        # rank 0 computes and caches the statistics of a folder; the others then read the cache
+        stats = reference_features(ref, self.detector, batch_size) if ctx.is_main else None
+        barrier(ctx)
+        return stats if ctx.is_main else reference_features(ref, self.detector, batch_size)
+
+    # ---------------------------------------------------------------------------------------- samples
+
+    def score_samples(self, chunks: Iterable[tuple[Tensor, Optional[Tensor]]]) -> dict[str, float]:
+        """Metrics of generated images: `chunks` of (images in [-1, 1], the classes they were asked for or
+        None), this rank's share."""
+        judged: list[tuple[Tensor, Optional[Tensor]]] = []
+
+        def for_detector() -> Iterator[Tensor]:
+            for images, labels in chunks:
+                if self.judge is not None:
+                    if images.shape[-1] > JUDGE_MAX_RESOLUTION:
+                        raise ConfigError(f"the digits judge scores digits (at most {JUDGE_MAX_RESOLUTION} px), "
+                                          f"not {images.shape[-1]} px images: drop `judge` from the metrics")
+                    judged.append((images.float().cpu(), labels))
+                yield to_uint8(images)
+
+        out: dict[str, float] = {}
+        detector_metrics = [m for m in self.metrics if m in DETECTOR_METRICS]
+        if detector_metrics:
+            from vistrain.eval.metrics import compute_image_metrics
+
+            out.update(compute_image_metrics(detector_metrics, for_detector(), self.ref, self.detector, self.dist))
+        else:
+            for _ in for_detector():
+                pass
+        if self.judge is not None:
+            out.update(self._judge(judged))
+        return out
+
+    def _judge(self, judged: list[tuple[Tensor, Optional[Tensor]]]) -> dict[str, float]:
+        from vistrain.eval.digits_judge import judge_metrics
+
+        shares = gather_objects(judged, self.dist) if self.dist is not None else [judged]
+        images = torch.cat([im for share in shares for im, _ in share])
+        labels = [lb for share in shares for _, lb in share]
+        labels = torch.cat(labels) if labels and all(lb is not None for lb in labels) else None
+        return judge_metrics(self.judge, images, labels)
+
+    # -------------------------------------------------------------------------------- reconstructions
+
+    def score_reconstructions(self, pairs: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """rfid, psnr (dB, on [0, 1] pixels, per image) and ssim (per image) of (originals, reconstructions)."""
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        sums = torch.zeros(3, dtype=torch.float64)  # psnr, ssim, images
+        real_feats, fake_feats = [], []
+        for real, recon in pairs:
+            real01, recon01 = (real.float().clamp(-1, 1) + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2
+            mse = (real01 - recon01).square().flatten(1).mean(1).clamp_min(1e-10)
+            sums[0] += float((10 * torch.log10(1.0 / mse)).sum())
+            ssim = structural_similarity_index_measure(recon01, real01, data_range=1.0, reduction="none")
+            sums[1] += float(ssim.sum())
+            sums[2] += len(real)
+            if self.detector is not None:
+                real_feats.append(self.detector.features(to_uint8(real)).cpu())
+                fake_feats.append(self.detector.features(to_uint8(recon)).cpu())
+        shares = gather_objects((sums, real_feats, fake_feats), self.dist) if self.dist is not None else [
+            (sums, real_feats, fake_feats)]
+        total = sum(share[0] for share in shares)
+        if total[2] < 1:
+            raise ValueError("no images were reconstructed")
+        out = {"psnr": float(total[0] / total[2]), "ssim": float(total[1] / total[2])}
+        if self.detector is not None:
+            from vistrain.eval.frechet import frechet_distance
+
+            real = torch.cat([f for share in shares for f in share[1]])
+            fake = torch.cat([f for share in shares for f in share[2]])
+            out["rfid"] = frechet_distance(fake, real)
+        return {m: out[m] for m in self.metrics}
