@@ -85,6 +85,11 @@ def _step_of(name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def checkpoint_step(folder: Path) -> Optional[int]:
+    """The step of a step_* checkpoint folder; None for any other folder (an exported or imported model)."""
+    return _step_of(Path(folder).name)
+
+
 def _step_dirs(root: Path) -> list[Path]:
     """Complete checkpoint folders under `root`, oldest step first."""
     if not root.is_dir():

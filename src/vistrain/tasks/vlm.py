@@ -473,12 +473,33 @@ def generate(folder: Path, images: list[str], prompt: str, max_new_tokens: int, 
             pictures.append(Image.open(path).convert("RGB"))
         except (OSError, ValueError) as e:
             raise ValueError(f"--image {path}: cannot be read as an image ({e})") from None
-    encoded = encoder.encode_prompt({"images": pictures, "texts": [{"user": prompt, "assistant": ""}]})
+    encoded = encode_question(encoder, pictures, prompt)
     generator = torch.Generator(device).manual_seed(seed)
+    ids = answer_ids(model, encoded, max_new_tokens, eos_id, greedy=greedy, temperature=temperature, top_k=top_k,
+                     top_p=top_p, generator=generator)
+    return decode_answer(tokenizer, ids, eos_id)
+
+
+def encode_question(encoder: VQAEncoder, images: list, prompt: str) -> dict[str, Any]:
+    """A question as `vistrain generate` (and the lmms-eval adapter, lmms.py) asks it: the images (PIL, in
+    order) before the prompt in one user turn, up to the assistant header. VQAEncoder.encode_prompt's dict:
+    input_ids (L,), pixel_values (V, 3, tile, tile), num_images."""
+    encoded = encoder.encode_prompt({"images": list(images), "texts": [{"user": prompt, "assistant": ""}]})
+    if encoded is None:  # cannot happen: a turn without ratings is always kept
+        raise ValueError("the prompt was filtered out")
+    return encoded
+
+
+def answer_ids(model: VisionLanguageModel, encoded: dict[str, Any], max_new_tokens: int, eos_id: int,
+               greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+    """The new token ids (N,), N <= max_new_tokens, that the model writes after an encoded question (on the
+    model's device); the last is eos_id when it stopped by itself."""
+    device = next(model.parameters()).device
     ids = model.generate(encoded["input_ids"][None].to(device), encoded["pixel_values"].to(device),
                          max_new_tokens=max_new_tokens, eos_token_id=eos_id, greedy=greedy, temperature=temperature,
                          top_k=top_k, top_p=top_p, generator=generator)
-    return decode_answer(tokenizer, ids[0], eos_id)
+    return ids[0]
 
 
 register(TaskSpec(name="vlm", config=VLMExperimentConfig, build=VLMTask, generate=generate, smoke_overrides=(
