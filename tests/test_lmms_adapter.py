@@ -23,7 +23,7 @@ from lmms_eval.api.model import lmms  # noqa: E402
 
 from vistrain.data.vqa import IGNORE_INDEX, VQAEncoder, train_tokenizer  # noqa: E402
 from vistrain.data.vqa_images import ImageProcessor  # noqa: E402
-from vistrain.eval import lmms as adapter  # noqa: E402
+from vistrain import lmms as adapter  # noqa: E402
 from vistrain.models.llama import LlamaConfig  # noqa: E402
 from vistrain.models.vit import ViTConfig  # noqa: E402
 from vistrain.models.vlm import VisionLanguageModel, VLMConfig  # noqa: E402
