@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from standin_detector import TwoHeaded, save_scripted
 from torch import Tensor, nn
 
 from vistrain.engine.dist import DistContext
@@ -27,22 +28,6 @@ from vistrain.eval.stats import RefStats, load_stats, reference_features
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class TwoHeaded(nn.Module):
-    """Inception-like stand-in: 8 x 8 average pool (so any image size works) and fixed random projections."""
-
-    def __init__(self, dim: int = 16, classes: int = 10):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("proj", torch.randn(3 * 8 * 8, dim, generator=g) / 8)
-        self.register_buffer("head", torch.randn(dim, classes, generator=g))
-
-    def forward(self, x: Tensor, return_features: bool = False) -> Tensor:
-        feats = F.adaptive_avg_pool2d(x.float() / 255, 8).flatten(1) @ self.proj
-        if return_features:
-            return feats
-        return feats @ self.head
-
-
 class OneHeaded(nn.Module):
     """Features only, no keyword: the detector must not pass `return_features`, and IS must be refused."""
 
@@ -52,13 +37,6 @@ class OneHeaded(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.adaptive_avg_pool2d(x.float() / 255, 8).flatten(1) @ self.proj
-
-
-def save_scripted(module: nn.Module, path) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, and still the format
-        torch.jit.save(torch.jit.script(module), str(path))
-    return str(path)
 
 
 @pytest.fixture

@@ -323,11 +323,11 @@ def flatten_metrics(results: dict) -> dict[str, float]:
     return flat
 
 
-def run_lmms_eval(folder: str | Path, tasks: str | Sequence[str], out_json: str | Path, batch_size: int = 1,
+def run_lmms_eval(folder: str | Path, tasks: str | Sequence[str], out_json: str | Path | None, batch_size: int = 1,
                   device: Optional[str] = None, limit: Optional[int | float] = None) -> dict:
     """Run lmms-eval tasks (names, or one comma-separated string) on a VLM checkpoint, model, run or checkpoints
     folder, and write {"step", "checkpoint", "metrics": {task/metric: value}, "tasks", "limit"} to out_json
-    (step is None for a model folder). `limit` (a count, or a fraction below 1) is for smoke runs: results on a
+    (step is None for a model folder; no file when out_json is None: `vistrain eval` writes its own). `limit` (a count, or a fraction below 1) is for smoke runs: results on a
     limited run are not the benchmark's. Returns what was written. Raises LmmsEvalMissing when lmms-eval's
     evaluator cannot be imported (the adapter alone installs with --no-deps; the evaluator needs the full
     install)."""
@@ -345,6 +345,8 @@ def run_lmms_eval(folder: str | Path, tasks: str | Sequence[str], out_json: str 
         raise RuntimeError("lmms-eval returned no results")
     record = {"step": ckpt_lib.checkpoint_step(ckpt), "checkpoint": str(ckpt), "metrics": flatten_metrics(results),
               "tasks": names, "limit": limit}
+    if out_json is None:
+        return record
     out = Path(out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

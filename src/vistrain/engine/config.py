@@ -76,6 +76,7 @@ class EvalConfig:
     """Metrics of generated samples (`vistrain eval`), in the loop or as jobs beside training."""
 
     metrics: list[str] = field(default_factory=list)  # e.g. [fid, kid, is, pr] or [judge]; empty: none
+    lmms_tasks: list[str] = field(default_factory=list)  # VLMs: lmms-eval benchmarks, e.g. [mmstar, mmmu_val]
     num_samples: int = 10000
     batch_size: int = 250
     ref: Optional[str] = None  # reference images: a folder, or a stats .npz (mu, sigma, count[, features])
@@ -124,8 +125,9 @@ def validate(run: RunConfig, train: TrainConfig, evaluation: Optional[EvalConfig
         for key in ("num_samples", "batch_size", "max_jobs"):
             if getattr(evaluation, key) < 1:
                 raise ConfigError(f"eval.{key}={getattr(evaluation, key)}: must be at least 1")
-        if evaluation.mode != "sync" and not evaluation.metrics:
-            raise ConfigError(f"eval.mode={evaluation.mode} runs eval jobs for eval.metrics, which is empty")
+        if evaluation.mode != "sync" and not (evaluation.metrics or evaluation.lmms_tasks):
+            raise ConfigError(f"eval.mode={evaluation.mode} runs eval jobs for eval.metrics (or eval.lmms_tasks), "
+                              "which are empty")
     if train.parallel == "fsdp" and train.precision == "fp16":
         raise ConfigError(
             "train.precision=fp16 with train.parallel=fsdp: loss scaling over sharded gradients is not "

@@ -75,6 +75,9 @@ class TaskSpec:
     reconstruct: Optional[Callable[..., Iterator[tuple[Tensor, Tensor]]]] = None
     # how many images `reconstruct` can draw on (the val split's size): (model_config) -> int
     reconstruct_count: Optional[Callable[[dict], int]] = None
+    # the number of classes of a conditional generator (model_config) -> int; None: unconditional.
+    # `vistrain eval` asks for them in turn, so its samples are class-balanced
+    num_classes: Optional[Callable[[dict], int]] = None
     smoke_overrides: tuple[str, ...] = ()  # tiny shapes so `--smoke` checks a config in seconds
 
 
@@ -112,4 +115,9 @@ def make_trainer(cfg: Any, dist_ctx: Any):
     from vistrain.engine.trainer import Trainer
 
     spec = get_spec(cfg.task)
-    return Trainer(cfg, lambda env: spec.build(cfg, env), dist_ctx)
+    command = None
+    if getattr(cfg, "eval", None) is not None and cfg.eval.mode != "sync":
+        from vistrain.evaluate import eval_command
+
+        command = eval_command(cfg)
+    return Trainer(cfg, lambda env: spec.build(cfg, env), dist_ctx, eval_command=command)

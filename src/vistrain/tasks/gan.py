@@ -281,7 +281,8 @@ def sample(model_config: dict, weights: dict[str, Tensor], request: SampleReques
         yield generate(G, z, y, device, batch_size=n)
 
 
-register(TaskSpec(name="gan", config=GanConfig, build=GanTask, sample=sample, smoke_overrides=(
+register(TaskSpec(name="gan", config=GanConfig, build=GanTask, sample=sample,
+                  num_classes=lambda model_config: model_config["num_classes"], smoke_overrides=(
     "data.resolution=16", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
     "gan.num_samples=16", "gan.fd_samples=32",
 )))

@@ -326,6 +326,7 @@ def sample(model_config: dict, weights: dict[str, Tensor], request: SampleReques
 
 register(TaskSpec(
     name="var", config=VARExperimentConfig, build=VARTask, sample=sample,
+    num_classes=lambda model_config: model_config["model"]["num_classes"],
     sample_count=lambda model_config, request: len(sample_labels(model_config, request)),
     sample_options=(
         SampleOption("--cfg", float, 1.5, "classifier-free guidance at the last scale (ramps up from 0)"),
