@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from standin_detector import TwoHeaded, save_scripted
 from test_var_task import TINY_VQVAE
+
 from vistrain import cli
 from vistrain.config import load_config
 from vistrain.engine.dist import DistContext
