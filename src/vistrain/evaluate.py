@@ -29,7 +29,7 @@ import torch
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.errors import ConfigError
-from vistrain.eval.score import ImageScorer
+from vistrain.eval.score import ImageScorer, balanced_share
 from vistrain.tasks import SampleRequest, TaskSpec, get_spec
 
 
@@ -65,7 +65,8 @@ def evaluate(ckpt: Path, request: EvalRequest, ctx: DistContext) -> dict:
 
 
 def _share(total: int, ctx: DistContext) -> tuple[int, int]:
-    """This rank's contiguous slice [first, first + count) of `total` images."""
+    """This rank's contiguous slice [first, first + count) of `total` val images (no collective generates them,
+    so shares may differ by one)."""
     first = total * ctx.rank // ctx.world_size
     return first, total * (ctx.rank + 1) // ctx.world_size - first
 
@@ -84,9 +85,8 @@ def _samples(ckpt: Path, model_config: dict, spec: TaskSpec, request: EvalReques
     scorer = ImageScorer(request.metrics, ref=request.ref, detector=request.detector, device=ctx.device,
                          batch_size=request.batch_size, dist_ctx=ctx)
     classes = spec.num_classes(model_config) if spec.num_classes is not None else 0
-    first, count = _share(request.num, ctx)
-    index = torch.arange(first, first + count)
-    labels = (index % classes) if classes else None
+    share = balanced_share(request.num, classes, ctx)
+    labels, count = (share if classes else None), len(share)
     options = {**request.options, "num_per_class": 0}  # the labels below decide the classes
     # the rank's own noise: its share is disjoint from every other rank's
     sample_request = SampleRequest(count, labels.tolist() if classes else None, request.seed * 1009 + ctx.rank,
@@ -100,7 +100,7 @@ def _samples(ckpt: Path, model_config: dict, spec: TaskSpec, request: EvalReques
             done += len(images)
 
     chunks = _progress(with_labels(), count, ctx, "sampling", size=lambda chunk: len(chunk[0]))
-    return scorer.score_samples(chunks), request.num
+    return scorer.score_samples(chunks), count * ctx.world_size
 
 
 def _reconstructions(ckpt: Path, model_config: dict, spec: TaskSpec, request: EvalRequest, ctx: DistContext):

@@ -28,6 +28,25 @@ NEEDS_REF = ("fid", "kid", "pr")
 JUDGE_MAX_RESOLUTION = 64  # the judge knows digits; bigger images are not what it was made for
 
 
+def balanced_share(num: int, num_classes: int, dist_ctx: Optional[DistContext]) -> Tensor:
+    """This rank's images of `num` class-balanced ones: the class of each (image i asks for class i mod C; -1
+    for an unconditional model). Every rank gets ceil(num / ranks) images, so ranks that generate together
+    (FSDP) make the same calls; the total may exceed `num` by fewer than the number of ranks."""
+    rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx is not None else (0, 1)
+    per_rank = -(-num // world)
+    index = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    return index % num_classes if num_classes else torch.full_like(index, -1)
+
+
+def in_loop_scorer(eval_cfg, dist_ctx: DistContext) -> Optional["ImageScorer"]:
+    """The scorer of `eval.metrics` for `eval.mode: sync`, or None. Tasks build it with themselves, so a missing
+    detector or reference fails before the first training step."""
+    if eval_cfg is None or eval_cfg.mode != "sync" or not eval_cfg.metrics:
+        return None
+    return ImageScorer(list(eval_cfg.metrics), ref=eval_cfg.ref, detector=eval_cfg.detector, device=dist_ctx.device,
+                       batch_size=eval_cfg.batch_size, dist_ctx=dist_ctx)
+
+
 def to_uint8(images: Tensor) -> Tensor:
     """[-1, 1] images -> uint8 N x 3 x H x W, the detector's input (grey images repeated to three channels)."""
     out = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
