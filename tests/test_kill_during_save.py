@@ -49,7 +49,7 @@ def config(out_dir, max_steps, async_save):
 
 
 def resume_and_kill(out_dir, kill_at, async_save):
-    """In a forked child: continue the run to step 4, dying at the kill_at-th durable operation of its saves."""
+    """In a child process: continue the run to step 4, dying at the kill_at-th durable operation of its saves."""
     ckpt_mod.os = KillingOs(kill_at)
     make_trainer(config(out_dir, 4, async_save), CPU).fit()
     os._exit(0)
@@ -65,15 +65,22 @@ def test_sigkill_at_every_point_of_a_save_leaves_a_loadable_checkpoint(tmp_path,
     pristine = tmp_path / "pristine"
     make_trainer(config(pristine, 2, async_save), CPU).fit()
 
-    fork = multiprocessing.get_context("fork")
+    # Children come from a fork server, not from this process: pytest has run other tests here, and a fork of a
+    # process whose OpenMP pool has started hangs in the child's first parallel region (libgomp is not fork-safe).
+    server = multiprocessing.get_context("forkserver")
+    server.set_forkserver_preload([__name__])
     run = tmp_path / "run"
     outcomes = []
     for kill_at in range(1, 40):
         shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(pristine, run)
-        child = fork.Process(target=resume_and_kill, args=(run, kill_at, async_save))
+        child = server.Process(target=resume_and_kill, args=(run, kill_at, async_save))
         child.start()
         child.join(timeout=120)
+        if child.exitcode is None:  # never leave a hung child behind: pytest would wait for it at exit
+            child.kill()
+            child.join()
+            pytest.fail(f"the run killed at operation {kill_at} hung")
         killed = child.exitcode == -signal.SIGKILL
         assert killed or child.exitcode == 0, child.exitcode
         latest = ckpt_lib.latest_checkpoint(run / "checkpoints")  # never a dangling or half-written one
