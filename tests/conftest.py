@@ -17,6 +17,16 @@ def subprocess_env_for() -> dict:
     return env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def vistrain_cache_dir(tmp_path_factory):
+    """One $VISTRAIN_CACHE_DIR for the whole session (subprocesses inherit it): the digits judge that GAN and
+    VAR evals on digits use is trained once per session, in seconds, and the user's ~/.cache is not touched."""
+    path = tmp_path_factory.mktemp("vistrain_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VISTRAIN_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture
 def subprocess_env():
     return subprocess_env_for()

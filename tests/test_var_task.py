@@ -23,7 +23,8 @@ TINY_VQVAE = [*TINY_DATA, "model.ch=32", "model.ch_mult=[1,2,2]", "model.num_res
               "model.z_channels=8", "model.patch_nums=[1,2,4]", "vqvae.num_samples=4", "vqvae.val_images=32",
               "vqvae.restart_every=5"]
 TINY_VAR = [*TINY_DATA, "model.depth=2", "model.vocab_size=64", "model.z_channels=8", "model.patch_nums=[1,2,4]",
-            "var.num_samples=4", "var.val_images=32", "var.sample_top_k=0", "var.sample_top_p=0.0"]
+            "var.num_samples=4", "var.val_images=32", "var.sample_top_k=0", "var.sample_top_p=0.0", "eval.metrics=[judge]",
+            "eval.num_samples=50"]
 
 
 def vistrain(*args) -> int:
@@ -78,7 +79,12 @@ def test_var_trains_from_the_tokenizer_run_resumes_exactly_and_keeps_the_tokeniz
     assert train["tokens_per_s"] == pytest.approx(21 * train["samples_per_s"])  # 1 + 4 + 16 tokens per image
     val = [e for e in events if e["split"] == "val"][-1]
     assert {"Lm", "Lt", "Accm", "Acct"} <= set(val)
-    assert (tmp_path / "a" / "checkpoints" / "best").exists()  # chosen by val Lt
+    # digits: the judge scores var.judge_samples class-balanced samples, and picks `best`
+    assert {"fd_judge", "class_acc", "is_judge"} <= set(val)
+    assert val["fd_judge"] > 0 and 0 <= val["class_acc"] <= 100 and 1 <= val["is_judge"] <= 10
+    best = (tmp_path / "a" / "checkpoints" / "best").read_text().strip()
+    best_metrics = json.loads((tmp_path / "a" / "checkpoints" / best / "metrics.json").read_text())
+    assert best_metrics["fd_judge"] == val["fd_judge"]  # the only eval (step 8) is the best by fd_judge
 
     out = tmp_path / "balanced.npz"
     assert vistrain("sample", tmp_path / "a", "--out", out, "--num-per-class", 2, "--top-k", 5, "--seed", 3) == 0

@@ -38,10 +38,22 @@ def balanced_share(num: int, num_classes: int, dist_ctx: Optional[DistContext]) 
     return index % num_classes if num_classes else torch.full_like(index, -1)
 
 
-def in_loop_scorer(eval_cfg, dist_ctx: DistContext) -> Optional["ImageScorer"]:
+# The metric that picks `best` when eval.best is not set: the first of these that eval.metrics computes.
+_BEST_BY = {"fid": ("fid", "min"), "judge": ("fd_judge", "min"), "kid": ("kid_mean", "min"), "is": ("is_mean", "max")}
+
+
+def default_best(metrics: list[str]) -> Optional[tuple[str, str]]:
+    """(metric, min|max) for `best` from a metric list, or None when it has nothing to choose by."""
+    return next((_BEST_BY[m] for m in _BEST_BY if m in metrics), None)
+
+
+def in_loop_scorer(eval_cfg, dist_ctx: DistContext, data_name: str) -> Optional["ImageScorer"]:
     """The scorer of `eval.metrics` for `eval.mode: sync`, or None. Tasks build it with themselves, so a missing
-    detector or reference fails before the first training step."""
-    if eval_cfg is None or eval_cfg.mode != "sync" or not eval_cfg.metrics:
+    detector or reference, or a judge asked to score what it does not know, fails before the first step."""
+    if JUDGE in eval_cfg.metrics and data_name != "digits":
+        raise ConfigError(f"eval.metrics has `judge`, the digits judge, but data.name={data_name}: it only knows "
+                          "digits. Use fid / kid / is / pr (with eval.ref), or eval.metrics=[] for none")
+    if eval_cfg.mode != "sync" or not eval_cfg.metrics:
         return None
     return ImageScorer(list(eval_cfg.metrics), ref=eval_cfg.ref, detector=eval_cfg.detector, device=dist_ctx.device,
                        batch_size=eval_cfg.batch_size, dist_ctx=dist_ctx)
@@ -77,11 +89,7 @@ class ImageScorer:
                 raise ConfigError(f"{', '.join(m for m in metrics if m in NEEDS_REF)} compare with real images: "
                                   "give --ref (eval.ref): a folder of images or a statistics .npz")
             self.ref = self._reference(ref, batch_size)
-        self.judge = None
-        if JUDGE in metrics:
-            from vistrain.eval.digits_judge import DigitsJudge
-
-            self.judge = DigitsJudge.load()
+        self.judge = self._judge_network() if JUDGE in metrics else None
 
     def _reference(self, ref: str, batch_size: int):
         from vistrain.eval.stats import reference_features
@@ -93,6 +101,17 @@ class ImageScorer:
         stats = reference_features(ref, self.detector, batch_size) if ctx.is_main else None
         barrier(ctx)
         return stats if ctx.is_main else reference_features(ref, self.detector, batch_size)
+
+    def _judge_network(self):
+        from vistrain.eval.digits_judge import DigitsJudge
+
+        ctx = self.dist
+        if ctx is None or not ctx.distributed:
+            return DigitsJudge.load()
+        # rank 0 trains and caches the judge the first time; the others then read the cache
+        judge = DigitsJudge.load() if ctx.is_main else None
+        barrier(ctx)
+        return judge if ctx.is_main else DigitsJudge.load()
 
     # ---------------------------------------------------------------------------------------- samples
 

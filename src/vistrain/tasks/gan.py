@@ -4,6 +4,11 @@ Phases per step: `d` (dis_step optimizer steps, each on a fresh batch of real im
 on the labels of D's last batch, as imaginaire's generator update reuses the discriminator's data), and `r1`
 every `r1_interval` steps when `gan.loss_weight.r1_gamma > 0` (on D's last batch of reals). Losses are
 reported per image: summed over the micro-batch, with the number of images as the count.
+
+Every eval logs `fd_pixels` (a cheap Fréchet distance on 8x8 grey pixels, on any data) and, in the loop
+(`eval.mode: sync`), `eval.metrics` of `eval.num_samples` class-balanced images of G_ema: the digits default
+asks for the digits judge (`fd_judge`, `class_acc`, `is_judge`), an ImageNet run for `fid` etc. `best` is
+chosen by eval.best, else by the first of fid / fd_judge / kid / IS that eval.metrics computes, else fd_pixels.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from vistrain.engine.images import make_grid
 from vistrain.engine.optim import OptimConfig
 from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
 from vistrain.eval.frechet import frechet_distance
+from vistrain.eval.score import balanced_share, default_best, in_loop_scorer
 from vistrain.models.diffaugment import diff_augment
 from vistrain.models.gan import DiscriminatorConfig, GeneratorConfig, build_discriminator, build_generator
 from vistrain.tasks import SampleRequest, TaskSpec, register
@@ -119,7 +125,8 @@ class GanTask(Task):
         if r1_on:
             self.phases.append(Phase("r1", optimizer="d", loss=self.r1_loss, same_data_as="d",
                                      every=gan.r1_interval))
-        self.best_metric = ("fd_pixels", "min")
+        self.scorer = in_loop_scorer(cfg.eval, env.dist, cfg.data.name)  # built now: a missing detector fails before step 1
+        self.best_metric = default_best(cfg.eval.metrics) or ("fd_pixels", "min")
         self.images_seen = 0
         self._real_features: Optional[Tensor] = None  # fd_pixels features of the validation set
 
@@ -185,12 +192,29 @@ class GanTask(Task):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> EvalResult:
-        if not self.env.dist.is_main:
-            return EvalResult()
         G_ema = self.nets["G_ema"]
+        metrics = self._score_samples(G_ema) if self.scorer is not None else {}  # every rank: its share
+        if not self.env.dist.is_main:
+            return EvalResult(metrics=metrics)
+        metrics["fd_pixels"] = self._fd_pixels(G_ema)
         # Conditional: one column per class, so a glance shows whether the labels are obeyed.
         grid = make_grid(G_ema(self.fixed_z, self.fixed_labels).float().cpu(), nrow=self.num_classes or 8)
-        return EvalResult(metrics={"fd_pixels": self._fd_pixels(G_ema)}, images={"samples": grid})
+        return EvalResult(metrics=metrics, images={"samples": grid})
+
+    def _score_samples(self, G: nn.Module) -> dict[str, float]:
+        """`eval.metrics` of `eval.num_samples` class-balanced images of G, each rank generating its share
+        from its own fixed noise (the same images at every eval)."""
+        ev = self.cfg.eval
+        classes_N = balanced_share(ev.num_samples, self.num_classes, self.env.dist)
+        z_NZ = torch.randn(len(classes_N), self.z_dim, generator=torch.Generator().manual_seed(4321 + self.env.dist.rank))
+
+        def chunks():
+            for i in range(0, len(classes_N), ev.batch_size):
+                classes_B = classes_N[i:i + ev.batch_size] if self.num_classes else None
+                labels_B = self._labels_for(classes_B) if classes_B is not None else None
+                yield G(z_NZ[i:i + ev.batch_size].to(self.device), labels_B), classes_B
+
+        return self.scorer.score_samples(chunks())
 
     def _fd_pixels(self, G: nn.Module) -> float:
         """Fréchet distance between generated and validation images, both pooled to 8x8 grey pixels.

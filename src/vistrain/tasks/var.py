@@ -8,6 +8,11 @@ training (pg, pg0, pgwp) and the lr rule (base lr x global batch / 256) follow t
 
 Teacher forcing encodes on the fly rather than from a pre-tokenised cache: random crops and flips then keep
 working, and the frozen encoder's forward is a small share of a training step (see README, VAR).
+
+Every eval logs the teacher-forced val metrics (Lm, Lt, Accm, Acct, per scale) and, in the loop (`eval.mode:
+sync`), `eval.metrics` of `eval.num_samples` class-balanced samples: the digits default asks for the digits
+judge. `best` is chosen by eval.best, else by the first of fid / fd_judge / kid / IS that eval.metrics
+computes, else by the val Lt.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from vistrain.engine.optim import OptimConfig
 from vistrain.engine.schedule import ScheduleConfig, warmup_length
 from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
 from vistrain.errors import ConfigError
+from vistrain.eval.score import balanced_share, default_best, in_loop_scorer
 from vistrain.models.var import VAR, VARConfig
 from vistrain.models.vqvae import VQVAE
 from vistrain.tasks import SampleOption, SampleRequest, TaskSpec, register
@@ -118,7 +124,8 @@ class VARTask(Task):
         self.images = MicroBatchStream(self.train_set, StreamOrder(len(self.train_set), env.seed),
                                        env.micro_batch_size, dist_ctx.rank, dist_ctx.world_size, cfg.data.num_workers)
         self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.images)]
-        self.best_metric = ("Lt", "min")
+        self.scorer = in_loop_scorer(cfg.eval, env.dist, cfg.data.name)  # built now: a missing detector fails before step 1
+        self.best_metric = default_best(cfg.eval.metrics) or ("Lt", "min")
         patch_nums = cfg.model.patch_nums
         self.L = sum(p * p for p in patch_nums)
         self.ends = [sum(p * p for p in patch_nums[: i + 1]) for i in range(len(patch_nums))]  # token end per scale
@@ -247,8 +254,27 @@ class VARTask(Task):
             dist.all_reduce(total)
         metrics = {k: float(v) / n for k, v in zip(keys, total.tolist())}
         grid = self._sample_grid(var)
+        if self.scorer is not None:
+            metrics.update(self._score_samples(var))
         var.train(was_training)
         return EvalResult(metrics=metrics, images={"samples": grid} if self.env.dist.is_main else {})
+
+    def _score_samples(self, var: nn.Module) -> dict[str, float]:
+        """`eval.metrics` of `eval.num_samples` class-balanced samples (the grid's cfg / top-k / top-p), each
+        rank generating its share with its own fixed seed. Every rank makes the same number of calls: under
+        FSDP generation is a collective."""
+        t, ev = self.cfg.var, self.cfg.eval
+        classes_N = balanced_share(ev.num_samples, self.cfg.model.num_classes, self.env.dist)
+        generator = torch.Generator(self.device).manual_seed(4321 + self.env.dist.rank)
+
+        def chunks():
+            for i in range(0, len(classes_N), ev.batch_size):
+                classes_B = classes_N[i:i + ev.batch_size]
+                f_hat = var.generate(self.vae, classes_B.to(self.device), cfg=t.sample_cfg, top_k=t.sample_top_k,
+                                     top_p=t.sample_top_p, generator=generator)
+                yield self.vae.fhat_to_img(f_hat), classes_B
+
+        return self.scorer.score_samples(chunks())
 
     def _sample_grid(self, var: nn.Module):
         t = self.cfg.var
