@@ -373,3 +373,25 @@ def test_init_weights_scales() -> None:
 
     model = VAR(_tiny(init_std=0.01))
     close(model.blocks[0].ffn.fc1.weight, 0.01)
+
+
+def test_stochastic_depth_drops_whole_branches_and_per_block_compile_builds_one_graph() -> None:
+    """Every block has its own drop-path rate; the rates reach the blocks as tensors, so compiling each block
+    (train.compile=blocks) traces one graph for all of them -- a Python float per block would make one each."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = _model(depth=6, drop_path_rate=0.5).train()
+    assert len({block.drop_path_rate for block in model.blocks}) == 6
+    label_B, x_BLCv = torch.arange(4), torch.randn(4, 13, CV)
+    torch.manual_seed(0)
+    eager = model(label_B, x_BLCv)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    for block in model.blocks:
+        block.compile(backend=counter)
+    torch.manual_seed(0)
+    compiled = model(label_B, x_BLCv)
+    torch.testing.assert_close(compiled, eager)  # the same random drops, the same math
+    assert counter.frame_count <= 2  # block 0 (rate 0: no scales) and the rest
+    torch.manual_seed(1)
+    assert not torch.allclose(model(label_B, x_BLCv), eager)  # other drops: the branches are really dropped

@@ -173,13 +173,14 @@ def _gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | Non
 # layers
 
 
-def _drop_path(x_BLC: Tensor, p: float, training: bool) -> Tensor:
-    """Stochastic depth: drop the whole branch of a sample with probability p, scale survivors by 1/(1-p)."""
+def drop_path_scales(batch: int, p: float, training: bool, device: torch.device) -> Tensor | None:
+    """Stochastic depth for one block's two branches: per sample 0 (dropped, probability p) or 1/(1-p), as a
+    (2, B, 1, 1) tensor; None when nothing is dropped. Drawn outside the block and handed to it, so that the
+    block's code is the same for every block: torch.compile per block then builds one graph, not one per rate."""
     if p == 0.0 or not training:
-        return x_BLC
+        return None
     keep = 1.0 - p
-    mask_B11 = x_BLC.new_empty(x_BLC.shape[0], 1, 1).bernoulli_(keep)
-    return x_BLC * mask_B11.div_(keep)
+    return torch.empty(2, batch, 1, 1, device=device).bernoulli_(keep).div_(keep)
 
 
 class SelfAttention(nn.Module):
@@ -256,18 +257,21 @@ class AdaLNSelfAttn(nn.Module):
         if not shared_aln:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x_BLC: Tensor, cond_BD: Tensor, mask: AttentionMask | None) -> Tensor:
-        """cond_BD: the class embedding (B, D), or with shared_aln the shared projection (B, 1, 6, C)."""
+    def forward(self, x_BLC: Tensor, cond_BD: Tensor, mask: AttentionMask | None,
+                drop_2B11: Tensor | None = None) -> Tensor:
+        """cond_BD: the class embedding (B, D), or with shared_aln the shared projection (B, 1, 6, C);
+        drop_2B11: the stochastic-depth scales of the two branches (drop_path_scales), None for none."""
         if self.shared_aln:
             mod_B16C = self.ada_gss + cond_BD
         else:
             mod_B16C = self.ada_lin(cond_BD).view(-1, 1, 6, self.width)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)  # each (B, 1, C)
         y_BLC = self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1)
-        x_BLC = x_BLC + _drop_path(self.attn(y_BLC, mask).mul_(gamma1), self.drop_path_rate, self.training)
+        branch_BLC = self.attn(y_BLC, mask).mul_(gamma1)
+        x_BLC = x_BLC + (branch_BLC if drop_2B11 is None else branch_BLC * drop_2B11[0].to(branch_BLC.dtype))
         y_BLC = self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)
-        x_BLC = x_BLC + _drop_path(self.ffn(y_BLC).mul_(gamma2), self.drop_path_rate, self.training)
-        return x_BLC
+        branch_BLC = self.ffn(y_BLC).mul_(gamma2)
+        return x_BLC + (branch_BLC if drop_2B11 is None else branch_BLC * drop_2B11[1].to(branch_BLC.dtype))
 
 
 class _SharedAdaLin(nn.Linear):
@@ -434,7 +438,8 @@ class VAR(nn.Module):
 
         block_cond = self._block_cond(cond_BD)
         for block in self.blocks:
-            x_BLC = block(x_BLC, block_cond, self.attn_mask)
+            drop_2B11 = drop_path_scales(B, block.drop_path_rate, self.training, x_BLC.device)
+            x_BLC = block(x_BLC, block_cond, self.attn_mask, drop_2B11)
         logits_BLV = self._logits(x_BLC, cond_BD)
         if n_in == 0 and self.training:
             # word_embed took no part: add a zero that depends on it, or DDP waits for its gradient forever.
