@@ -126,3 +126,36 @@ def test_eval_jobs_beside_training_run_vistrain_eval_and_log_on_their_own_axis(t
     best = min(evals, key=lambda step: evals[step]["fid"])
     assert (run / "checkpoints" / "best").read_text().strip() == f"step_{best:08d}"
     assert json.loads((run / "eval" / "step_00000005.json").read_text())["settings"]["num"] == 40
+
+
+def _in_loop_eval_rank(rank: int, world: int, tmp: str, overrides: list[str]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        ctx = DistContext(rank, world, 0, torch.device("cpu"), dist.group.WORLD)
+        trainer = make_trainer(load_config(REPO / "configs/gan/digits.yaml", overrides), ctx)
+        metrics = trainer.task.evaluate(0).metrics
+        if rank == 0:
+            Path(tmp, "two.json").write_text(json.dumps(metrics))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_in_loop_metrics_of_two_ranks_equal_one_rank(tmp_path, digits_folder, detector):
+    """eval.mode=sync: each rank generates its slice of the same fixed-noise samples; the scores are those of
+    one rank generating them all."""
+    overrides = [*TINY_GAN, "eval.metrics=[judge,fid,kid]", f"eval.ref={digits_folder}", f"eval.detector={detector}",
+                 "eval.num_samples=40", "eval.batch_size=16"]
+    trainer = make_trainer(load_config(REPO / "configs/gan/digits.yaml",
+                                       [*overrides, f"run.out_dir={tmp_path / 'one'}"]), CPU)
+    assert trainer.task.best_metric == ("fid", "min")  # the first of fid, fd_judge, ... that the metrics give
+    one = trainer.task.evaluate(0).metrics
+    assert {"fd_judge", "class_acc", "is_judge", "fid", "kid_mean", "fd_pixels"} <= set(one)
+    torch.multiprocessing.spawn(_in_loop_eval_rank, args=(2, str(tmp_path), [*overrides, f"run.out_dir={tmp_path / 'two'}"]),
+                                nprocs=2, join=True)
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two.keys() == one.keys()
+    for name, value in one.items():
+        assert two[name] == pytest.approx(value, rel=1e-5, abs=1e-9), name

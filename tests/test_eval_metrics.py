@@ -7,7 +7,6 @@ logits) is saved to a file and loaded by path, through the same code path as the
 
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine.dist import DistContext

@@ -202,11 +202,13 @@ class GanTask(Task):
         return EvalResult(metrics=metrics, images={"samples": grid})
 
     def _score_samples(self, G: nn.Module) -> dict[str, float]:
-        """`eval.metrics` of `eval.num_samples` class-balanced images of G, each rank generating its share
-        from its own fixed noise (the same images at every eval)."""
-        ev = self.cfg.eval
-        classes_N = balanced_share(ev.num_samples, self.num_classes, self.env.dist)
-        z_NZ = torch.randn(len(classes_N), self.z_dim, generator=torch.Generator().manual_seed(4321 + self.env.dist.rank))
+        """`eval.metrics` of `eval.num_samples` class-balanced images of G from fixed noise (the same images at
+        every eval, and on any number of ranks: each rank generates its slice of them)."""
+        ev, ctx = self.cfg.eval, self.env.dist
+        classes_N = balanced_share(ev.num_samples, self.num_classes, ctx)
+        per_rank = len(classes_N)
+        z_all = torch.randn(per_rank * ctx.world_size, self.z_dim, generator=torch.Generator().manual_seed(4321))
+        z_NZ = z_all[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
 
         def chunks():
             for i in range(0, len(classes_N), ev.batch_size):
