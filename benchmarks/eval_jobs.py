@@ -1,13 +1,14 @@
 """Does training wait for evaluation? The same GAN digits run three ways, timed side by side. Prints a table.
 
-    no eval       eval.metrics empty: the in-loop eval the task always does, nothing more
+    none          eval.metrics empty: the in-loop eval the task always does (fd_pixels, the grid), nothing more
     sync          eval.metrics scored in the loop at every train.eval_every: training stops meanwhile
     local         a `vistrain eval` process per checkpoint beside the training (eval.mode=local)
 
 Every run is `--steps` steps with a checkpoint (and, for local, an eval job) every `--every` steps, scoring
 `--num-images` samples with `--metrics` (default: the digits judge, which needs no download). Per run: the
-median step time (time/step_s, which excludes evals and checkpoints), the wall time to the last step, and the
-wall time until every eval result is logged.
+median step time (time/step_s, which excludes evals and checkpoints), the longest pause between two logged
+steps (train.log_every=10: ten steps, plus whatever training waited for -- a sync eval, a checkpoint), the wall
+time to the last step, and the wall time until every eval result is logged.
 
     python benchmarks/eval_jobs.py [--steps 600] [--every 100] [--num-images 2000] [--metrics judge]
 """
@@ -29,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 def run(out: Path, args, mode: str) -> dict:
     overrides = [f"run.out_dir={out}", f"train.max_steps={args.steps}", f"train.ckpt_every={args.every}",
                  f"train.eval_every={args.every}", "train.log_every=10", "run.loggers=[jsonl]"]
-    if mode != "none":
+    if mode == "none":
+        overrides += ["eval.metrics=[]"]
+    else:
         overrides += [f"eval.mode={mode}", f"eval.metrics=[{args.metrics}]", f"eval.num_samples={args.num_images}",
                       "eval.batch_size=500", "eval.device=cpu"]
     start = time.perf_counter()
@@ -41,7 +44,9 @@ def run(out: Path, args, mode: str) -> dict:
     # the last train record is written after the last step, before the run waits for its eval jobs
     last_step_at = train[-1]["time"] - records[0]["time"]
     evals = [r for r in records if r["split"] == "eval" or (mode == "sync" and r["split"] == "val")]
-    return {"step_s": statistics.median(r["time/step_s"] for r in train), "to_last_step_s": last_step_at,
+    longest_pause = max(b["time"] - a["time"] for a, b in zip(train, train[1:]))
+    return {"step_s": statistics.median(r["time/step_s"] for r in train), "pause_s": longest_pause,
+            "to_last_step_s": last_step_at,
             "total_s": total, "evals": len(evals)}
 
 
@@ -58,11 +63,12 @@ def main() -> int:
             rows[mode] = run(Path(tmp) / mode, args, mode)
     base = rows["none"]
     print(f"\nGAN digits, {args.steps} steps, eval of {args.num_images} samples ({args.metrics}) every {args.every}\n")
-    print("| eval | median step (ms) | vs no eval | wall to last step (s) | wall to all results (s) |")
-    print("|---|---|---|---|---|")
+    print("| eval | median step (ms) | vs none | longest pause, 10 steps (s) | wall to last step (s) "
+          "| wall to all results (s) | results logged |")
+    print("|---|---|---|---|---|---|---|")
     for mode, row in rows.items():
-        print(f"| {mode} | {1000 * row['step_s']:.1f} | {row['step_s'] / base['step_s']:.2f} | "
-              f"{row['to_last_step_s']:.1f} | {row['total_s']:.1f} |")
+        print(f"| {mode} | {1000 * row['step_s']:.1f} | {row['step_s'] / base['step_s']:.2f} | {row['pause_s']:.1f} | "
+              f"{row['to_last_step_s']:.1f} | {row['total_s']:.1f} | {row['evals'] if mode != 'none' else '-'} |")
     return 0
 
 

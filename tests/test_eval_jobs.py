@@ -86,3 +86,30 @@ def test_slurm_mode_goes_through_submitit(tmp_path):
     trainer_with_fake_jobs(out, gate, "eval.mode=slurm", "eval.slurm.cluster=local", "train.max_steps=10").fit()
     assert sorted(r["step"] for r in eval_records(out)) == [5, 10]
     assert ckpt_lib.find_checkpoint(out, "best").name == "step_00000010"
+
+
+def test_a_local_job_yields_the_cpu_to_training_and_outlives_its_ctrl_c(tmp_path):
+    """Lower priority, one thread, a process group of its own (the terminal's Ctrl-C goes to the trainer's)
+    but the trainer's session (Linux shares the CPU evenly between sessions, whatever the nice values)."""
+    import os
+
+    from vistrain.engine.evaljobs import LocalLauncher
+
+    report = tmp_path / "job.json"
+    # the job waits until its priority has been lowered: the launcher does that right after starting it
+    probe = ("import json, os, sys, time\n"
+             "deadline = time.monotonic() + 30\n"
+             "while os.nice(0) < 10 and time.monotonic() < deadline: time.sleep(0.01)\n"
+             "json.dump({'nice': os.nice(0), 'threads': os.environ.get('OMP_NUM_THREADS'),"
+             " 'pgid': os.getpgid(0), 'pid': os.getpid(), 'sid': os.getsid(0)}, open(sys.argv[1], 'w'))\n")
+    launcher = LocalLauncher(threads=1)
+    handle, _ = launcher.start([sys.executable, "-c", probe, str(report)], tmp_path / "job.log")
+    deadline = time.monotonic() + 60
+    while launcher.state(handle) is None:
+        assert time.monotonic() < deadline, "the probe job did not end"
+        time.sleep(0.05)
+    seen = json.loads(report.read_text())
+    assert seen["nice"] >= 10 and seen["threads"] == "1"
+    assert seen["pgid"] == seen["pid"] != os.getpgid(0)  # its own process group
+    if sys.version_info >= (3, 11):
+        assert seen["sid"] == os.getsid(0)  # in the trainer's session, so its priority counts

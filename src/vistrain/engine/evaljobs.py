@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,17 +40,36 @@ class Launcher(Protocol):
         """None while the job runs; once it ended: "" for success, else what went wrong."""
 
 
-class LocalLauncher:
-    """Each job is a process of its own session: it survives the trainer (and its Ctrl-C / SIGTERM)."""
+# Python 3.10 has no process_group argument: a session of its own detaches the job there (see LocalLauncher).
+_OWN_PROCESS_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 
-    def __init__(self, env: Optional[dict[str, str]] = None):
-        self.env = env
+
+class LocalLauncher:
+    """Each job is a process of its own process group: it survives the trainer (and its Ctrl-C / SIGTERM).
+
+    Jobs run at a lower CPU priority (nice 10), so that training keeps the cores it needs. Not a session of its
+    own: Linux's autogroup scheduling shares the CPU evenly between sessions, whatever their nice values, and a
+    CPU-bound job would take half the machine. `threads` caps a job's intra-op threads, for training on the CPU.
+    (Measured on 2 cores: a GAN step went from 90 ms to 1.5 s while a job of its own session ran beside it.)
+    """
+
+    NICENESS = 10
+
+    def __init__(self, threads: Optional[int] = None):
+        self.env = None
+        if threads is not None:
+            count = str(threads)
+            self.env = {**os.environ, "OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count}
         self._procs: dict[int, subprocess.Popen] = {}
 
     def start(self, argv: list[str], log: Path) -> tuple[dict, Path]:
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env=self.env)
+                                    env=self.env, **_OWN_PROCESS_GROUP)
+        try:
+            os.setpriority(os.PRIO_PROCESS, proc.pid, self.NICENESS)
+        except (OSError, AttributeError):  # not permitted, or not a POSIX system: the job runs at our priority
+            pass
         self._procs[proc.pid] = proc
         return {"pid": proc.pid}, log
 

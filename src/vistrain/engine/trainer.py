@@ -165,7 +165,8 @@ class Trainer:
             raise ConfigError(f"eval.mode={ev.mode}: this trainer was built without an eval command; build it "
                               "with vistrain.tasks.make_trainer, or set eval.mode=sync")
         if ev.mode == "local":
-            launcher, poll_every_s = LocalLauncher(), 1.0
+            # training on the CPU shares its cores with the jobs: one thread each keeps them from fighting
+            launcher, poll_every_s = LocalLauncher(threads=1 if self.device.type == "cpu" else None), 1.0
         else:  # slurm: state queries go to the scheduler, so ask less often
             launcher, poll_every_s = SlurmLauncher(self.out_dir / "eval" / "slurm", ev.slurm, ev.slurm.cluster), 10.0
         return EvalJobs(self.out_dir, self._eval_command, launcher, ev.max_jobs, self._log_eval_result,
