@@ -16,7 +16,6 @@ written atomically by rank 0 once everything is computed, so a file that exists 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from typing import Any, Optional
 
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine.dist import DistContext
+from vistrain.engine.rundir import write_text_atomic
 from vistrain.errors import ConfigError
 from vistrain.eval.score import ImageScorer, balanced_share
 from vistrain.tasks import SampleRequest, TaskSpec, get_spec
@@ -125,11 +125,7 @@ def _lmms(ckpt: Path, spec: TaskSpec, request: EvalRequest, ctx: DistContext) ->
 
 def write_result(path: Path, record: dict) -> None:
     """Atomically: an eval job's result file exists only complete (the trainer reads it when it appears)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def default_result_path(ckpt: Path) -> Path:

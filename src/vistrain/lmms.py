@@ -332,6 +332,7 @@ def run_lmms_eval(folder: str | Path, tasks: str | Sequence[str], out_json: str 
     evaluator cannot be imported (the adapter alone installs with --no-deps; the evaluator needs the full
     install)."""
     from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine.rundir import write_text_atomic
 
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
@@ -347,9 +348,5 @@ def run_lmms_eval(folder: str | Path, tasks: str | Sequence[str], out_json: str 
               "tasks": names, "limit": limit}
     if out_json is None:
         return record
-    out = Path(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(Path(out_json), json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from vistrain.engine.config import SlurmEvalConfig
+from vistrain.engine.rundir import write_text_atomic
 
 # (checkpoint folder, result file) -> the command that evaluates the checkpoint and writes the result file
 EvalCommand = Callable[[Path, Path], list[str]]
@@ -163,10 +164,7 @@ class EvalJobs:
     def _save(self, job: EvalJob) -> None:
         record = {"step": job.step, "checkpoint": job.checkpoint, "status": job.status, "handle": job.handle,
                   "log": job.log}
-        path = self._path(job.step, ".job")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(self._path(job.step, ".job"), json.dumps(record, indent=1) + "\n")
 
     def _read_back(self) -> None:
         """Jobs of an earlier run in this folder that were not logged yet: results that arrived while the

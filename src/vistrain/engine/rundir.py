@@ -96,3 +96,14 @@ def _describe(holder: str) -> str:
         return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
     except (ValueError, KeyError, TypeError):
         return "holder unknown"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file of a run folder so that a reader (another process: an eval job's result, the
+    trainer's job records) sees the old content or the new, never a part. The temporary name carries the pid,
+    so two writers never share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -36,7 +36,7 @@ from vistrain.engine.optim import apply_schedule, build_optimizer, freeze_zero_l
 from vistrain.engine.parallel import Parallel
 from vistrain.engine.precision import Precision
 from vistrain.engine.rng import capture_rng_state, restore_rng_state, seed_everything
-from vistrain.engine.rundir import RunDir, holds_a_run
+from vistrain.engine.rundir import RunDir, holds_a_run, write_text_atomic
 from vistrain.engine.task import Phase, Task, TaskEnv, to_device
 from vistrain.errors import ConfigError
 
@@ -473,7 +473,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         if self.dist.is_main and not self._config_written:
             # Only now: a run that never gets this far must not replace an earlier run's config.
-            _write_text_atomic(self.out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
+            write_text_atomic(self.out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
             self._config_written = True
         run_state = {
             "step": self.step,
@@ -556,9 +556,3 @@ def _normalise_and_clip(params: list[Tensor], scale: Tensor, max_norm: float) ->
     torch._foreach_mul_(grads, factor.to(grads[0].device))
     return norm
 
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
