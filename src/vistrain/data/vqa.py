@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from vistrain.cachedir import default_cache_dir
 from vistrain.data.digits import _split_indices
 from vistrain.data.packing import (
     IGNORE_INDEX,
@@ -195,10 +196,6 @@ def load_vqa_sources(sources: Sequence[VQASource], cache_dir: Optional[str] = No
 
 # --- token lengths, cached ---------------------------------------------------------------------------------
 
-
-def default_cache_dir() -> str:
-    """$VISTRAIN_CACHE_DIR, else ~/.cache/vistrain."""
-    return os.environ.get("VISTRAIN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vistrain")
 
 
 def _rows(dataset: Any, start: int, stop: int) -> list[Mapping[str, Any]]:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vistrain.cachedir import default_cache_dir
 from vistrain.data.digits import DigitsDataset
 from vistrain.eval.frechet import frechet_distance
 
@@ -46,11 +47,6 @@ _LR = 2e-3
 _AUG_RESOLUTION = 32  # shifted copies are rendered at this size and pooled back to 8x8 (sub-pixel shifts)
 _MAX_SHIFT = 2  # pixels at _AUG_RESOLUTION: up to half a pixel of the 8x8 grid
 _EXACT_FRACTION = 0.3  # share of each epoch's images given as the exact 8x8 digits, unshifted
-
-
-def default_cache_dir() -> Path:
-    """$VISTRAIN_CACHE_DIR, else ~/.cache/vistrain (where the VQA token-length cache lives too)."""
-    return Path(os.environ.get("VISTRAIN_CACHE_DIR") or Path.home() / ".cache" / "vistrain")
 
 
 def cache_path(cache_dir: Union[str, Path, None] = None) -> Path:

@@ -2,7 +2,7 @@
 
 A folder of images is read once per (folder contents, detector, resolution, number of images): its features are
 cached as an .npz (mu, sigma, count and the features themselves, which KID and precision/recall need) under
-`~/.cache/vistrain/fid_stats`, and later calls read the cache. An .npz given directly may hold `mu`, `sigma` and
+`$VISTRAIN_CACHE_DIR/fid_stats` (default ~/.cache/vistrain/fid_stats), and later calls read the cache. An .npz given directly may hold `mu`, `sigma` and
 `count` only (as published FID statistics do); it then supports FID and nothing else.
 
 sigma is the unbiased covariance (divided by count - 1), as `np.cov` computes it and as the FID statistics of the
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vistrain.cachedir import default_cache_dir
 from vistrain.errors import ConfigError
 from vistrain.eval.detector import Detector
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "vistrain", "fid_stats")
 
 
 @dataclass
@@ -147,7 +147,7 @@ def reference_features(ref: str, detector: Detector, batch_size: int, cache_dir:
     """Reference statistics from an .npz file or a folder of images (searched recursively).
 
     For a folder: the first `num` images in sorted path order (all when None), cached under `cache_dir`
-    (default ~/.cache/vistrain/fid_stats). For an .npz: its contents, checked against the detector.
+    (default $VISTRAIN_CACHE_DIR/fid_stats, ~/.cache/vistrain/fid_stats without it). For an .npz: its contents, checked against the detector.
     """
     if ref.endswith(".npz"):
         if not os.path.isfile(ref):
@@ -163,7 +163,7 @@ def reference_features(ref: str, detector: Detector, batch_size: int, cache_dir:
     if len(files) < 2:
         raise ConfigError(f"reference folder {ref} has {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); "
                           "statistics need at least 2")
-    cached = _cache_path(ref, files, detector, resolution, cache_dir or DEFAULT_CACHE_DIR)
+    cached = _cache_path(ref, files, detector, resolution, cache_dir or os.path.join(default_cache_dir(), "fid_stats"))
     if os.path.isfile(cached):
         stats = load_stats(cached, detector)
         if stats.features is not None:
