@@ -88,30 +88,24 @@ class ImageScorer:
             if not ref:
                 raise ConfigError(f"{', '.join(m for m in metrics if m in NEEDS_REF)} compare with real images: "
                                   "give --ref (eval.ref): a folder of images or a statistics .npz")
-            self.ref = self._reference(ref, batch_size)
-        self.judge = self._judge_network() if JUDGE in metrics else None
+            from vistrain.eval.stats import reference_features
 
-    def _reference(self, ref: str, batch_size: int):
-        from vistrain.eval.stats import reference_features
+            self.ref = self._main_rank_first(lambda: reference_features(ref, self.detector, batch_size))
+        self.judge = None
+        if JUDGE in metrics:
+            from vistrain.eval.digits_judge import DigitsJudge
 
+            self.judge = self._main_rank_first(DigitsJudge.load)
+
+    def _main_rank_first(self, load):
+        """`load()` on rank 0, which computes and caches (a folder's statistics, the judge) the first time;
+        then on the other ranks, which read the cache."""
         ctx = self.dist
         if ctx is None or not ctx.distributed:
-            return reference_features(ref, self.detector, batch_size)
-        # rank 0 computes and caches the statistics of a folder; the others then read the cache
-        stats = reference_features(ref, self.detector, batch_size) if ctx.is_main else None
+            return load()
+        value = load() if ctx.is_main else None
         barrier(ctx)
-        return stats if ctx.is_main else reference_features(ref, self.detector, batch_size)
-
-    def _judge_network(self):
-        from vistrain.eval.digits_judge import DigitsJudge
-
-        ctx = self.dist
-        if ctx is None or not ctx.distributed:
-            return DigitsJudge.load()
-        # rank 0 trains and caches the judge the first time; the others then read the cache
-        judge = DigitsJudge.load() if ctx.is_main else None
-        barrier(ctx)
-        return judge if ctx.is_main else DigitsJudge.load()
+        return value if ctx.is_main else load()
 
     # ---------------------------------------------------------------------------------------- samples
 
