@@ -105,9 +105,11 @@ def _samples(ckpt: Path, model_config: dict, spec: TaskSpec, request: EvalReques
 def _reconstructions(ckpt: Path, model_config: dict, spec: TaskSpec, request: EvalRequest, ctx: DistContext):
     scorer = ImageScorer(request.metrics, detector=request.detector, device=ctx.device,
                          batch_size=request.batch_size, dist_ctx=ctx, reconstructions=True)
-    total = min(request.num, spec.reconstruct_count(model_config))
+    val_set = spec.val_images(model_config)
+    total = min(request.num, len(val_set))
     first, count = _share(total, ctx)
-    pairs = spec.reconstruct(model_config, ckpt_lib.load_weights(ckpt), first, count, request.batch_size, ctx.device)
+    pairs = spec.reconstruct(model_config, ckpt_lib.load_weights(ckpt), first, count, request.batch_size, ctx.device,
+                             val_set)
     return scorer.score_reconstructions(_progress(pairs, count, ctx, "reconstructing", size=lambda p: len(p[0]))), total
 
 

@@ -70,11 +70,11 @@ class TaskSpec:
     # `vistrain generate` (text from images and a prompt): (model folder, image paths, prompt, max_new_tokens,
     # greedy, temperature, top_k, top_p, seed, device) -> the answer
     generate: Optional[Callable[..., str]] = None
-    # `vistrain eval` of a tokenizer: (model_config, weights, first, count, batch_size, device) -> chunks of
-    # (originals, reconstructions) of val images first .. first + count - 1, in [-1, 1] on the CPU
+    # `vistrain eval` of a tokenizer: (model_config, weights, first, count, batch_size, device, val_set) ->
+    # chunks of (originals, reconstructions) of val images first .. first + count - 1, in [-1, 1] on the CPU
     reconstruct: Optional[Callable[..., Iterator[tuple[Tensor, Tensor]]]] = None
-    # how many images `reconstruct` can draw on (the val split's size): (model_config) -> int
-    reconstruct_count: Optional[Callable[[dict], int]] = None
+    # the val images `reconstruct` draws on (built once, handed to it): (model_config) -> a data set
+    val_images: Optional[Callable[[dict], Any]] = None
     # the number of classes of a conditional generator (model_config) -> int; None: unconditional.
     # `vistrain eval` asks for them in turn, so its samples are class-balanced
     num_classes: Optional[Callable[[dict], int]] = None

@@ -312,7 +312,7 @@ def sample(model_config: dict, weights: dict[str, Tensor], request: SampleReques
 
 register(TaskSpec(
     name="vqvae", config=VQVAEExperimentConfig, build=VQVAETask, sample=sample, reconstruct=reconstruct,
-    reconstruct_count=lambda model_config: len(val_images(model_config)),
+    val_images=val_images,
     grid_columns=lambda model_config, request: 2 * pairs_per_row(request.num),
     smoke_overrides=("data.resolution=16", "model.ch=32", "model.ch_mult=[1,2,2]", "model.num_res_blocks=1",
                      "model.vocab_size=64", "model.z_channels=8", "model.patch_nums=[1,2,4]",
