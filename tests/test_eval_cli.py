@@ -36,22 +36,23 @@ def detector(tmp_path_factory):
     return save_scripted(TwoHeaded(), tmp_path_factory.mktemp("detector") / "standin.pt")
 
 
-@pytest.fixture(scope="module")
-def gan_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("gan") / "run"
-    cfg = load_config(REPO / "configs/gan/digits.yaml", [*TINY_GAN, f"run.out_dir={run}", "train.max_steps=10",
-                                                         "train.eval_every=10", "train.ckpt_every=10"])
+def ten_step_run(tmp_path_factory, family: str, tiny: list[str]) -> Path:
+    """A run folder of configs/<family>/digits.yaml, tiny, trained 10 steps with one checkpoint."""
+    run = tmp_path_factory.mktemp(family) / "run"
+    cfg = load_config(REPO / f"configs/{family}/digits.yaml", [*tiny, f"run.out_dir={run}", "train.max_steps=10",
+                                                               "train.eval_every=10", "train.ckpt_every=10"])
     make_trainer(cfg, CPU).fit()
     return run
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory):
+    return ten_step_run(tmp_path_factory, "gan", TINY_GAN)
 
 
 @pytest.fixture(scope="module")
 def vqvae_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("vqvae") / "run"
-    cfg = load_config(REPO / "configs/vqvae/digits.yaml", [*TINY_VQVAE, f"run.out_dir={run}", "train.max_steps=10",
-                                                           "train.eval_every=10", "train.ckpt_every=10"])
-    make_trainer(cfg, CPU).fit()
-    return run
+    return ten_step_run(tmp_path_factory, "vqvae", TINY_VQVAE)
 
 
 @pytest.fixture(scope="module")
