@@ -2,16 +2,21 @@
 kills the writer. The kill comes from inside the writing process (tests/killed_writer.py), just before its n-th
 step, so every point of the write is hit by construction, with no timing involved."""
 
+import gc
 import os
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import TESTS, subprocess_env_for
 from killed_writer import NEW, OLD
 from vistrain import durable
+from vistrain.engine.images import NpzImageWriter
+from vistrain.engine.rundir import RunDir
 
 
 def write_killed_at(path, kill_at) -> int:
@@ -76,3 +81,40 @@ def test_the_temporary_file_of_a_live_writer_is_never_removed(tmp_path):
     assert durable.remove_stale_temps(tmp_path) == []
     writer.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-notes", "result.json"]
+
+
+def test_a_run_starting_in_its_folder_removes_what_killed_writers_left_there(tmp_path):
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "eval").mkdir()
+    for path in (run / "config.yaml", run / "samples" / "step_00000002.png", run / "eval" / "step_00000002.json"):
+        assert write_killed_at(path, 2) == -signal.SIGKILL  # dies mid-write
+    run_dir = RunDir(run)
+    run_dir.acquire()
+    run_dir.release()
+    assert not list(run.glob(".tmp-*")) and not list((run / "samples").glob(".tmp-*"))
+    # eval/ is left alone: eval jobs write their results there, maybe from another machine, while a run starts
+    assert len(list((run / "eval").glob(".tmp-*"))) == 1
+
+
+def test_an_npz_writer_stopped_mid_way_leaves_nothing_and_says_nothing(tmp_path, monkeypatch):
+    """Its zip is closed on the way out: left open, it would print 'Exception ignored' when collected."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(KeyboardInterrupt):
+        with NpzImageWriter(tmp_path / "x.npz", 8) as writer:
+            writer.write(torch.zeros(4, 3, 2, 2))
+            raise KeyboardInterrupt
+    del writer
+    gc.collect()
+    assert unraisable == [] and list(tmp_path.iterdir()) == []
+
+
+def test_an_npz_of_all_its_images_reads_back(tmp_path):
+    images = torch.rand(6, 3, 4, 4) * 2 - 1
+    with NpzImageWriter(tmp_path / "x.npz", 6) as writer:
+        writer.write(images[:4])
+        writer.write(images[4:])
+    with np.load(tmp_path / "x.npz") as data:
+        assert data["arr_0"].shape == (6, 4, 4, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.npz"]

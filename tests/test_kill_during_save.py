@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vistrain.engine.checkpoint as ckpt_mod
+from vistrain import durable
 from vistrain.config import load_config
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine.dist import DistContext
@@ -21,23 +22,26 @@ DURABLE = ("replace", "fsync")  # the operations that order what a reader can se
 
 
 class KillingOs:
-    """`os` as checkpoint.py sees it, except that the n-th durable operation kills the process first."""
+    """`os` as checkpoint.py and vistrain.durable (its `latest` and `best`) see it, except that the n-th durable
+    operation of a save kills the process first. Counting starts with the save: the run's earlier durable writes
+    (config.yaml) are tests/test_durable.py's business."""
 
     def __init__(self, kill_at: int):
-        self.kill_at, self.calls = kill_at, 0
+        self.kill_at, self.calls, self.saving = kill_at, 0, False
 
     def __getattr__(self, name):
         attr = getattr(os, name)
         if name not in DURABLE:
             return attr
 
-        def durable(*args, **kwargs):
-            self.calls += 1
-            if self.calls == self.kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+        def durable_operation(*args, **kwargs):
+            if self.saving:
+                self.calls += 1
+                if self.calls == self.kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
             return attr(*args, **kwargs)
 
-        return durable
+        return durable_operation
 
 
 def config(out_dir, max_steps, async_save):
@@ -50,7 +54,15 @@ def config(out_dir, max_steps, async_save):
 
 def resume_and_kill(out_dir, kill_at, async_save):
     """In a child process: continue the run to step 4, dying at the kill_at-th durable operation of its saves."""
-    ckpt_mod.os = KillingOs(kill_at)
+    killer = KillingOs(kill_at)
+    ckpt_mod.os = durable.os = killer
+    begin = ckpt_mod.begin_checkpoint
+
+    def begin_counting(*args, **kwargs):
+        killer.saving = True
+        return begin(*args, **kwargs)
+
+    ckpt_mod.begin_checkpoint = begin_counting
     make_trainer(config(out_dir, 4, async_save), CPU).fit()
     os._exit(0)
 

@@ -46,6 +46,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from vistrain.durable import TEMP_PREFIX, fsync_path, write_atomic
+
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -54,7 +56,7 @@ CHECKSUMS_FILE = "checksums.json"
 METRICS_FILE = "metrics.json"  # rewritten when `best` learns a metric, so it has no checksum
 LATEST_FILE = "latest"
 BEST_FILE = "best"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = TEMP_PREFIX  # the durable writes' temporary files start alike, so a killed one is cleaned too
 
 _STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -119,32 +121,12 @@ def _read_pointer(root: Path, pointer: str) -> Optional[str]:
 # durable writes
 
 
-def _fsync_path(path: Path) -> None:
-    """Flush a file or folder entry to disk. Folders cannot be opened on Windows; there the rename
-    itself is the best we can do."""
-    if path.is_dir() and os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write through `write(file)`, then flush and fsync so the bytes are on disk before any rename."""
     with open(path, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _replace_text_atomic(path: Path, text: str) -> None:
-    """Replace a small text file so that readers see the old or the new content, never a mix."""
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}"
-    _write_file(tmp, lambda f: f.write(text), mode="w")
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def _remove_stale_tmp(root: Path) -> None:
@@ -278,7 +260,7 @@ def write_checkpoint_files(
     # One metadata key only: safetensors writes metadata from a hash map in no fixed order, so a second key
     # would make two saves of the same weights differ byte for byte. The step is in the folder name.
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-    _fsync_path(tmp / MODEL_FILE)
+    fsync_path(tmp / MODEL_FILE)
     _write_file(tmp / CONFIG_FILE, lambda f: f.write(config_text + "\n"), mode="w")
     if train_state is not None:  # a model folder (import, export) has none
         _write_file(tmp / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))
@@ -309,7 +291,7 @@ def _write_checksums(folder: Path) -> None:
     _write_file(folder / CHECKSUMS_FILE, lambda f: f.write(json.dumps(sums, indent=2, sort_keys=True) + "\n"),
                 mode="w")
     for sub in [p for p in folder.rglob("*") if p.is_dir()] + [folder]:
-        _fsync_path(sub)
+        fsync_path(sub)
 
 
 def write_model_folder(folder: Path, weights: dict[str, Tensor], model_config: dict,
@@ -329,7 +311,7 @@ def write_model_folder(folder: Path, weights: dict[str, Tensor], model_config: d
         if folder.exists():
             folder.rmdir()  # empty, checked above
         os.replace(tmp, folder)
-        _fsync_path(folder.parent)
+        fsync_path(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -353,8 +335,8 @@ def commit_checkpoint(root: Path, step: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_path(root)
-        _replace_text_atomic(root / LATEST_FILE, name + "\n")
+        fsync_path(root)
+        write_atomic(root / LATEST_FILE, name + "\n")
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, Exception):
@@ -448,7 +430,7 @@ def update_best(root: Path, ckpt: Path, metric_name: str, value: float, mode: st
             known = {}
         known[metric_name] = value
         text = json.dumps(known, indent=2, sort_keys=True) + "\n"
-        _replace_text_atomic(root / ckpt.name / METRICS_FILE, text)
+        write_atomic(root / ckpt.name / METRICS_FILE, text)
 
     best_name = _read_pointer(root, BEST_FILE)
     previous = _read_metric(root / best_name, metric_name) if best_name else None
@@ -456,7 +438,7 @@ def update_best(root: Path, ckpt: Path, metric_name: str, value: float, mode: st
         better = value < previous if mode == "min" else value > previous
         if not better:
             return False
-    _replace_text_atomic(root / BEST_FILE, ckpt.name + "\n")
+    write_atomic(root / BEST_FILE, ckpt.name + "\n")
     return True
 
 

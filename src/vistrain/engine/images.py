@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from vistrain.durable import AtomicFile
 
 __all__ = ["NpzImageWriter", "make_grid", "save_png", "to_uint8_hwc"]
 
@@ -58,8 +60,8 @@ def make_grid(images_BCHW: Tensor, nrow: int | None = None, padding: int = 2) ->
 def save_png(path: Path, array_HWC: np.ndarray) -> None:
     """Write a uint8 H x W (x 1 or 3) array as PNG; parent folders are created.
 
-    The file is written under a temporary name and renamed, so a reader (or a run killed mid-write) never
-    sees a truncated PNG.
+    The file is replaced whole (vistrain.durable), so a reader (or a run killed mid-write) never sees a truncated
+    PNG.
     """
     path = Path(path)
     array = np.asarray(array_HWC)
@@ -70,12 +72,8 @@ def save_png(path: Path, array_HWC: np.ndarray) -> None:
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise ValueError(f"save_png expects H x W, H x W x 1, 3 or 4, got shape {array.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with AtomicFile(path) as out:
+        Image.fromarray(array).save(out.file, format="PNG")
 
 
 class NpzImageWriter:
@@ -83,15 +81,20 @@ class NpzImageWriter:
 
     Memory stays bounded by one chunk whatever N is: the .npy inside the zip is streamed (stored, not
     compressed), its header written first from the known N. The file appears under its name only when all
-    N images are in (written under a temporary name, then renamed).
+    N images are in (vistrain.durable: a temporary file beside it, renamed); an exception, or fewer images,
+    removes the temporary file and leaves `path` as it was.
     """
 
     def __init__(self, path: Path, num: int) -> None:
         import zipfile
 
         self.path, self.num, self.written = Path(path), num, 0
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._out = AtomicFile(self.path)
+        try:
+            self._zip = zipfile.ZipFile(self._out.file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        except BaseException:
+            self._out.discard()
+            raise
         self._member = None
 
     def write(self, images_BCHW: Tensor) -> None:
@@ -108,18 +111,34 @@ class NpzImageWriter:
         self.written += len(chunk_BHWC)
 
     def close(self) -> None:
-        """Finish the file; it is renamed into place only if all `num` images were written."""
+        """Finish the file; it is put in place only if all `num` images were written."""
         try:
-            if self._member is not None:
-                self._member.close()
-            self._zip.close()
-            if self.written == self.num:
-                os.replace(self._tmp, self.path)
-        finally:
-            self._tmp.unlink(missing_ok=True)
+            self._close_zip()
+        except BaseException:
+            self.discard()
+            raise
+        if self.written == self.num:
+            self._out.commit()
+        else:
+            self._out.discard()
+
+    def discard(self) -> None:
+        """Drop what was written; `path` is left as it was."""
+        # The zip is closed all the same: left open, it would try to finish itself on a closed file when collected.
+        with contextlib.suppress(OSError, ValueError):
+            self._close_zip()
+        self._out.discard()
+
+    def _close_zip(self) -> None:
+        if self._member is not None:
+            self._member.close()
+        self._zip.close()
 
     def __enter__(self) -> NpzImageWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()

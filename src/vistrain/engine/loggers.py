@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from vistrain.durable import write_atomic
 from vistrain.engine.metrics import ETA
 
 __all__ = [
@@ -223,9 +224,7 @@ class WandbLogger(Logger):
             if run_id:
                 return run_id
         run_id = secrets.token_hex(4)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(run_id + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, run_id + "\n")
         return run_id
 
     def log_metrics(self, step: int, split: str, metrics: dict[str, float]) -> None:

@@ -18,8 +18,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from vistrain.durable import remove_stale_temps, write_atomic
+
 LOCK_FILE = ".lock"
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")  # any of these: the folder holds a run
+# Folders that only the run holding the lock writes into: a writer killed there leaves a temporary file that the
+# next run removes. Not eval/: eval jobs, possibly on other machines, write their results there while a run starts.
+OWN_FOLDERS = (".", "samples")
 
 
 class RunDirError(RuntimeError):
@@ -37,7 +42,8 @@ class RunDir:
         self._created = False
 
     def acquire(self) -> None:
-        """Create the folder if needed and lock it; refuse a folder another live run holds."""
+        """Create the folder if needed and lock it; refuse a folder another live run holds. Then remove what
+        killed writers left in it (checkpoints/ cleans its own at each save)."""
         path, lock = self.path, self.path / LOCK_FILE
         if path.exists() and not path.is_dir():
             raise RunDirError(f"run.out_dir={path} is a file, not a folder; choose a folder path")
@@ -66,6 +72,8 @@ class RunDir:
             info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
             os.ftruncate(self._fd, 0)
             os.write(self._fd, (json.dumps(info) + "\n").encode())
+            for folder in OWN_FOLDERS:
+                remove_stale_temps(path / folder)
         except OSError as err:
             self.release(failed=True)
             raise RunDirError(f"cannot write to run.out_dir={path}: {err.strerror}") from None
@@ -99,11 +107,8 @@ def _describe(holder: str) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file of a run folder so that a reader (another process: an eval job's result, the
-    trainer's job records) sees the old content or the new, never a part. The temporary name carries the pid,
-    so two writers never share one."""
+    """Write a small text file of a run folder (creating its folder) so that a reader -- another process: an eval
+    job's result, the trainer's job records -- sees the old content or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
