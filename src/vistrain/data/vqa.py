@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ from vistrain.data.vqa_text import (
     train_tokenizer,
     vqa_special_tokens,
 )
+from vistrain.durable import AtomicFile
 
 __all__ = [
     "CHATML_TEMPLATE", "DEFAULT_MIN_RATINGS", "DIGITS_QUESTIONS", "GLOBAL_IMAGE_TOKEN", "IGNORE_INDEX", "IM_END",
@@ -247,14 +247,8 @@ def sample_lengths(
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with AtomicFile(path) as out:
+        np.save(out.file, array)
 
 
 # --- the embedded default: questions about scikit-learn's digits ------------------------------------------

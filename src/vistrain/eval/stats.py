@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 
 from vistrain.cachedir import default_cache_dir
+from vistrain.durable import AtomicFile
 from vistrain.errors import ConfigError
 from vistrain.eval.detector import Detector
 
@@ -49,16 +49,9 @@ class RefStats:
         arrays = {"mu": self.mu, "sigma": self.sigma, "count": np.int64(self.count), "detector": np.str_(self.detector)}
         if with_features and self.features is not None:
             arrays["features"] = self.features
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with AtomicFile(path) as out:
+            np.savez(out.file, **arrays)
 
 
 def load_stats(path: str, detector: Optional[Detector] = None) -> RefStats:
