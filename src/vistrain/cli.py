@@ -8,9 +8,11 @@ and turns the errors that speak to the user into one line and an exit status (2:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 USAGE_EXAMPLES = """examples:
@@ -360,14 +362,18 @@ def run_sample(parser: argparse.ArgumentParser, sample_parser: argparse.Argument
     except (ValueError, ConfigError) as e:
         return _fail(str(e), 2)
     try:
-        weights = ckpt_lib.load_weights(ckpt)
-        columns = spec.grid_columns(model_config, request) if spec.grid_columns else None
-        count = spec.sample_count(model_config, request) if spec.sample_count else request.num
-        if out.suffix == ".png" and count > MAX_GRID_IMAGES:
-            raise ValueError(f"{count} images in a .png grid: at most {MAX_GRID_IMAGES}; write .npz for more")
-        written = _write_samples(spec.sample(model_config, weights, request, device), out, count, columns)
+        with _signals_stop_sampling():
+            weights = ckpt_lib.load_weights(ckpt)
+            columns = spec.grid_columns(model_config, request) if spec.grid_columns else None
+            count = spec.sample_count(model_config, request) if spec.sample_count else request.num
+            if out.suffix == ".png" and count > MAX_GRID_IMAGES:
+                raise ValueError(f"{count} images in a .png grid: at most {MAX_GRID_IMAGES}; write .npz for more")
+            written = _write_samples(spec.sample(model_config, weights, request, device), out, count, columns)
     except (ckpt_lib.CheckpointError, ValueError) as e:
         return _fail(_sample_message(e, args), 1)
+    except _Stopped as e:
+        print(f"vistrain: sampling stopped by {e.name}; {out} was not written", file=sys.stderr, flush=True)
+        return 128 + e.signum  # the shell's status for a process ended by that signal
     print(f"wrote {written} images from {ckpt} to {out}")
     return 0
 
@@ -470,6 +476,35 @@ def run_eval(parser: argparse.ArgumentParser, eval_parser: argparse.ArgumentPars
         shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record["metrics"].items())
         print(f"{ckpt} ({record['seconds']:.0f} s): {shown}\nwrote {out}", flush=True)
     return 0
+
+
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM during sampling. A BaseException, as KeyboardInterrupt is: no `except Exception` on the
+    way catches it, and every `with` and `finally` it unwinds cleans up (the .npz writer drops its temporary file)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _signals_stop_sampling():
+    """SIGINT and SIGTERM raise _Stopped, unless this process was started ignoring them (a script's background job
+    ignores SIGINT) or this is not the main thread (the only one that may set handlers)."""
+    main = threading.current_thread() is threading.main_thread()
+    handled = [sig for sig in (signal.SIGINT, signal.SIGTERM) if main and signal.getsignal(sig) != signal.SIG_IGN]
+
+    def stop(signum, frame):
+        for sig in handled:  # a second Ctrl-C must not cut short the cleanup of the first
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in handled}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _write_samples(chunks, out: Path, num: int, columns) -> int:
