@@ -1,5 +1,6 @@
 """The engine on a toy task, in-process: exact resume, accumulation, non-finite skipping, preemption."""
 
+import json
 import os
 import signal
 
@@ -42,6 +43,31 @@ def test_resume_from_middle_checkpoint_is_bit_identical(tmp_path):
     # and a run that skipped nothing differs from one that resumed with the wrong state
     make_trainer(toy_config(tmp_path / "c", "run.seed=1"), CPU).fit()
     assert not torch.equal(final_weights(tmp_path / "a")["net.inp.weight"], final_weights(tmp_path / "c")["net.inp.weight"])
+
+
+def test_a_parameter_that_never_had_a_gradient_resumes_exactly(tmp_path):
+    """It has no optimizer state (Adam creates it at the first gradient): the resume must not demand one."""
+    make_trainer(toy_config(tmp_path / "a", "toy.unused_param=true"), CPU).fit()
+    middle = tmp_path / "a" / "checkpoints" / "step_00000010"
+    make_trainer(toy_config(tmp_path / "b", "toy.unused_param=true", f"run.resume={middle}"), CPU).fit()
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+
+
+def test_a_crash_in_eval_loses_no_training(tmp_path):
+    """The step's checkpoint is written before its eval runs: a rerun continues from it."""
+    with pytest.raises(RuntimeError, match="toy eval failure at step 10"):
+        make_trainer(toy_config(tmp_path, "toy.eval_fails_at_step=10", "train.eval_every=10"), CPU).fit()
+    assert ckpt_lib.latest_checkpoint(tmp_path / "checkpoints").name == "step_00000010"
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_in_loop_eval_metrics_reach_the_checkpoint_and_best(tmp_path, async_save):
+    make_trainer(toy_config(tmp_path, "toy.score=true", "train.eval_every=5",
+                            f"train.async_checkpoint={async_save}"), CPU).fit()
+    root = tmp_path / "checkpoints"
+    for step in (5, 10, 15, 20):
+        assert json.loads((root / f"step_{step:08d}" / "metrics.json").read_text()) == {"score": 1.0 / step}
+    assert (root / "best").read_text().strip() == "step_00000020"
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):

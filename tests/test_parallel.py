@@ -174,3 +174,52 @@ def test_a_network_frozen_in_one_phase_trains_in_the_next_under_fsdp(tmp_path, s
     ddp, fsdp = weights(tmp_path / "ddp", 4), weights(tmp_path / "fsdp", 4)
     generator = [k for k in ddp if k.startswith("G.")]
     assert_close({k: ddp[k] for k in generator}, {k: fsdp[k] for k in generator})
+
+
+@pytest.fixture
+def one_rank_group():
+    from vistrain.engine.dist import init_distributed, shutdown
+
+    ctx = init_distributed("cpu", 60, always=True)
+    yield ctx
+    shutdown(ctx)
+
+
+def _model_calls():
+    """(name, network, inputs) of every model family at a tiny size, fp32, no dropout."""
+    from vistrain.models.llama import LlamaConfig
+    from vistrain.models.var import VAR, VARConfig
+    from vistrain.models.vit import ViTConfig
+    from vistrain.models.vlm import VisionLanguageModel, VLMConfig
+
+    torch.manual_seed(0)
+    var = VAR(VARConfig(depth=2, num_classes=4, vocab_size=32, z_channels=4, patch_nums=[1, 2], cond_drop_rate=0.0,
+                        drop_path_rate=0.0))
+    yield "var", var, (torch.tensor([0, 3]), torch.randn(2, 4, 4))
+    vlm = VisionLanguageModel(VLMConfig(
+        vision=ViTConfig(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2),
+        lm=LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1),
+        pixel_shuffle_factor=2, image_token_id=39))
+    yield "vlm", vlm, (torch.tensor([[1, 39, 5, 6, 7]]), torch.randn(1, 3, 8, 8))
+
+
+def test_fsdp_modules_never_return_views_so_an_in_place_op_keeps_the_backward_right(one_rank_group):
+    """FSDP2 hooks its pre-backward on a module's output; an in-place op on an output that is a view would drop
+    it. The engine copies view outputs, so FSDP never warns and the gradient of `out.mul_(2)` is right."""
+    import copy
+    import warnings
+
+    from vistrain.engine.config import TrainConfig
+    from vistrain.engine.parallel import Parallel
+
+    for name, model, inputs in _model_calls():
+        plain = copy.deepcopy(model)
+        Parallel({name: model}, (name,), TrainConfig(parallel="fsdp"), one_rank_group)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*returned a view tensor")
+            out = model(*inputs)
+        out.mul_(2).square().sum().backward()
+        plain(*inputs).mul(2).square().sum().backward()
+        for (key, p), q in zip(model.named_parameters(), plain.parameters()):
+            got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            torch.testing.assert_close(got, q.grad, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")

@@ -45,9 +45,11 @@ class PairsDataset(torch.utils.data.Dataset):
 class MLP(nn.Module):
     """Repeated blocks in `blocks`, so that FSDP, compile and activation checkpointing apply per block."""
 
-    def __init__(self, dim: int = 8, width: int = 16, depth: int = 2, dropout: float = 0.1):
+    def __init__(self, dim: int = 8, width: int = 16, depth: int = 2, dropout: float = 0.1, unused: bool = False):
         super().__init__()
         self.inp = nn.Linear(dim, width)
+        if unused:  # trainable, but never in the forward: it never gets a gradient, nor optimizer state
+            self.unused = nn.Linear(width, width)
         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Dropout(dropout))
                                     for _ in range(depth))
         self.out = nn.Linear(width, 1)
@@ -74,6 +76,9 @@ class ToySection:
     teacher: bool = False  # a frozen network loaded from elsewhere (`external`): not in the checkpoints
     data_ends: list[int] = field(default_factory=list)  # rank r's data runs out after data_ends[r] micro-batches
     flops_per_token: float = 0.0  # > 0: report tokens (4 per sample) and these FLOPs per token, for `mfu`
+    unused_param: bool = False  # a trainable layer the forward never uses
+    score: bool = False  # evaluate reports `score` = 1 / step, which picks `best` (lower is better)
+    eval_fails_at_step: int = -1  # evaluate raises at this step
 
 
 @dataclass
@@ -87,7 +92,7 @@ class ToyTask(Task):
     def __init__(self, cfg: Config, env: TaskEnv):
         self.cfg, self.env = cfg, env
         self.train_set = PairsDataset()
-        self.nets = {"net": MLP(width=cfg.toy.width, dropout=cfg.toy.dropout).to(env.dist.device)}
+        self.nets = {"net": MLP(width=cfg.toy.width, dropout=cfg.toy.dropout, unused=cfg.toy.unused_param).to(env.dist.device)}
         self.trainable = ("net",)
         if cfg.toy.teacher:  # as if loaded from its own run: fixed weights, whatever the run's seed
             teacher = nn.Linear(8, 1).requires_grad_(False)
@@ -102,6 +107,7 @@ class ToyTask(Task):
         ends = cfg.toy.data_ends
         data = itertools.islice(self.data, ends[env.dist.rank]) if ends else self.data
         self.phases = [Phase("main", optimizer="main", loss=self.loss, data=data, finite_data=bool(ends))]
+        self.best_metric = ("score", "min") if cfg.toy.score else None
         self.step = 0
         self.calls = 0  # loss calls so far: which micro-batch of the step this is
 
@@ -131,7 +137,9 @@ class ToyTask(Task):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def evaluate(self, step):
-        return EvalResult()
+        if step == self.cfg.toy.eval_fails_at_step:
+            raise RuntimeError(f"toy eval failure at step {step}")
+        return EvalResult(metrics={"score": 1.0 / step} if self.cfg.toy.score else {})
 
     def model_config(self):
         return {"task": "toy_task", "width": self.cfg.toy.width}

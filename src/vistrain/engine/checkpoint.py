@@ -402,6 +402,17 @@ def _read_metric(ckpt: Path, metric_name: str) -> Optional[float]:
         return None
 
 
+def merge_metrics(ckpt: Path, metrics: dict[str, float]) -> None:
+    """Add `metrics` to checkpoint folder `ckpt`'s metrics.json (replacing values of the same name)."""
+    try:
+        known = json.loads((ckpt / METRICS_FILE).read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    known.update({k: float(v) for k, v in metrics.items()})
+    write_atomic(ckpt / METRICS_FILE, json.dumps(known, indent=2, sort_keys=True) + "\n")
+
+
 def update_best(root: Path, ckpt: Path, metric_name: str, value: float, mode: str = "min") -> bool:
     """Point `root/best` at `ckpt` if `value` beats the current best (lower for mode "min", higher for
     "max") or if there is no usable best yet. Returns whether `best` changed.
@@ -423,14 +434,7 @@ def update_best(root: Path, ckpt: Path, metric_name: str, value: float, mode: st
         return False
 
     if _read_metric(root / ckpt.name, metric_name) != value:
-        try:
-            known = json.loads((root / ckpt.name / METRICS_FILE).read_text(encoding="utf-8"))
-            known = known if isinstance(known, dict) else {}
-        except (OSError, ValueError):
-            known = {}
-        known[metric_name] = value
-        text = json.dumps(known, indent=2, sort_keys=True) + "\n"
-        write_atomic(root / ckpt.name / METRICS_FILE, text)
+        merge_metrics(root / ckpt.name, {metric_name: value})
 
     best_name = _read_pointer(root, BEST_FILE)
     previous = _read_metric(root / best_name, metric_name) if best_name else None

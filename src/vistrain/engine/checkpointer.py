@@ -81,6 +81,10 @@ class Checkpointer:
         self._pending: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self.last_saved: Optional[Path] = None
+        # Metrics of a checkpoint whose save is still in flight (its eval ran after the save began): the save
+        # thread records them once the folder is committed. Both guarded by _best_lock.
+        self._in_flight: Optional[Path] = None
+        self._late_metrics: Optional[tuple[dict[str, float], Optional[tuple[str, str]]]] = None
 
     # ------------------------------------------------------------------------------------------- saving
 
@@ -116,6 +120,9 @@ class Checkpointer:
                 self._write_and_commit(step, weights, model_config, train_state, metrics, best, assets)
 
         path = self.root / ckpt_lib.step_dir_name(step)
+        if main:
+            with self._best_lock:
+                self._in_flight, self._late_metrics = path, None
         if self.async_save:
             self._pending = threading.Thread(target=self._background, args=(finish,), daemon=True,
                                              name=f"checkpoint-{step}")
@@ -133,11 +140,35 @@ class Checkpointer:
             self._error = err
 
     def _write_and_commit(self, step, weights, model_config, train_state, metrics, best, assets) -> None:
-        path = ckpt_lib.finish_checkpoint(self.root, step, weights, model_config, train_state, metrics, assets)
+        try:
+            path = ckpt_lib.finish_checkpoint(self.root, step, weights, model_config, train_state, metrics, assets)
+        except BaseException:
+            with self._best_lock:
+                self._in_flight = self._late_metrics = None
+            raise
         with self._best_lock:
+            self._in_flight, late = None, self._late_metrics
             if best is not None and metrics and best[0] in metrics:
                 ckpt_lib.update_best(self.root, path, best[0], metrics[best[0]], mode=best[1])
+            if late is not None:
+                self._record(path, *late)
             ckpt_lib.prune_checkpoints(self.root, self.keep_last, keep=frozenset(self.protected()))
+
+    def record_metrics(self, path: Path, metrics: dict[str, float], best: Optional[tuple[str, str]]) -> None:
+        """Eval metrics of checkpoint `path`, measured after its save began (the trainer saves a step before
+        evaluating it, so a crash in eval never loses the step): merged into its metrics.json and offered for
+        `best`, now or, while its save is in flight, as soon as it is committed. The main rank only."""
+        with self._best_lock:
+            if self._in_flight == path:
+                self._late_metrics = (metrics, best)
+                return
+            if path.is_dir():
+                self._record(path, metrics, best)
+
+    def _record(self, path: Path, metrics: dict[str, float], best: Optional[tuple[str, str]]) -> None:
+        ckpt_lib.merge_metrics(path, metrics)
+        if best is not None and best[0] in metrics:
+            ckpt_lib.update_best(self.root, path, best[0], metrics[best[0]], mode=best[1])
 
     def update_best(self, path: Path, metric: str, value: float, mode: str) -> bool:
         """Offer a metric that arrived later (an eval job's) for `best`; the main rank only."""
@@ -211,6 +242,9 @@ class Checkpointer:
         if missing:
             raise ckpt_lib.CheckpointError(f"checkpoint {path} has no state for optimizer(s) {missing}")
         stepped = {name: pair for name, pair in self.optimizers.items() if not saved[name].get("fresh")}
+        # Not strict: a parameter that has never had a gradient (a quantizer's residual that the model's scales
+        # never use, say) has no optimizer state to save, and gets none back. The weights' own keys are checked.
+        lenient = StateDictOptions(strict=False)
         if (path / ckpt_lib.SHARDS_DIR).is_dir():
             import torch.distributed.checkpoint as dcp
 
@@ -220,11 +254,11 @@ class Checkpointer:
             dcp.load(template, checkpoint_id=str(path / ckpt_lib.SHARDS_DIR), process_group=self._group)
             for name, (opt, net) in stepped.items():
                 osd = {"state": template[name], "param_groups": saved[name]["param_groups"]}
-                set_optimizer_state_dict(self.nets[net], opt, osd)
+                set_optimizer_state_dict(self.nets[net], opt, osd, options=lenient)
         else:
             for name, (opt, net) in stepped.items():
                 set_optimizer_state_dict(self.nets[net], opt, saved[name],
-                                         options=StateDictOptions(full_state_dict=True))
+                                         options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def verify_on_main_rank(path: Path, dist_ctx: DistContext) -> None:

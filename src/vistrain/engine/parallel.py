@@ -11,6 +11,10 @@ one block. Frozen networks (a GAN's EMA copy, VAR's tokenizer) are left alone: n
 
 All three steps keep parameter names as they are (composable activation checkpointing, in-place
 `Module.compile`, FSDP2 in place), so the state-dict keys of a wrapped network are those of the plain model.
+
+Evaluation runs with every sharded parameter gathered (`Parallel.gathered`): a task's evaluate may then call
+any method of a network (VAR's and the VLM's `generate`, which FSDP's forward hooks never see) as often as
+it likes on each rank, with no collective inside.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from vistrain.engine.config import TrainConfig
@@ -42,6 +46,8 @@ class Parallel:
                  dist: DistContext):
         self.nets = nets
         self.fsdp = cfg.parallel == "fsdp"
+        self.precision = cfg.precision
+        self._device_type = dist.device.type
         self._wrapped: dict[str, nn.Module] = {}
         mesh = self._device_mesh(dist) if self.fsdp else None
         for name in trainable:
@@ -80,12 +86,43 @@ class Parallel:
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for block in blocks:
             if block is not net:
+                _never_return_a_view(block)
                 fully_shard(block, mesh=mesh, mp_policy=policy)
+        _never_return_a_view(net)
         # The root too gives its parameters back after the forward (FSDP2 keeps a root's by default): each
         # forward then gathers them anew and takes their current requires_grad. A network frozen in one phase
         # (a GAN's G under no_grad while D trains) would otherwise stay gathered without gradients.
         fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
         return net
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Every FSDP network's parameters all-gathered (one collective per FSDP group, on every rank) and kept
+        gathered until the block ends; DDP and plain networks are left as they are.
+
+        FSDP2 gathers a module's parameters in its forward hooks only, and gives them back after each forward:
+        a method other than forward (generation) would meet sharded parameters, and a loop whose length
+        differs between ranks (answers of different lengths) would call the collectives a different number of
+        times on each rank and hang. Gathered up front, with resharding after forward switched off, the forward
+        hooks have nothing to do. Under bf16 the gathered parameters are bf16 (the policy's), so the block also
+        runs under bf16 autocast, as training does, for inputs that come from outside the network.
+        """
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for name in self._wrapped for m in self.nets[name].modules() if isinstance(m, FSDPModule)]
+        for module in modules:
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+        try:
+            with torch.autocast(self._device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                yield
+        finally:
+            for module in modules:
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
 
     def views(self, trains: tuple[str, ...]) -> dict[str, nn.Module]:
         """Networks as a phase that trains `trains` calls them: wrapped for those, plain for the rest.
@@ -112,3 +149,22 @@ class Parallel:
                     stack.callback(module.set_requires_gradient_sync, True)
             yield
 
+
+
+def _never_return_a_view(module: nn.Module) -> None:
+    """Make `module` return a copy wherever its output would be a view (a Linear over (B, L, C) returns one).
+
+    FSDP2 hooks its pre-backward (which gathers the module's parameters again for the backward) on the
+    module's output; an in-place op on an output that is a view re-bases it and silently drops that hook
+    (FSDP2 warns: "returned a view tensor"). Copying such outputs once -- one memcpy of an activation -- makes
+    that impossible whatever the caller does. Registered before fully_shard, so FSDP's hook sees the copy.
+    """
+
+    def copy_views(_module: nn.Module, _args, output):
+        if isinstance(output, Tensor) and output._is_view():
+            return output.clone()
+        if type(output) is tuple:
+            return tuple(t.clone() if isinstance(t, Tensor) and t._is_view() else t for t in output)
+        return output
+
+    module.register_forward_hook(copy_views)

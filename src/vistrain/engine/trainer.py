@@ -292,12 +292,13 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self._log_train(time.perf_counter() - window_start)
                 window_start = time.perf_counter()
-            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                self._evaluate()
+            # The step's checkpoint comes before its eval: an eval that crashes (or is killed) loses no training.
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
                 saved = self.save_checkpoint()
                 if self.eval_jobs is not None:
                     self.eval_jobs.submit(self.step, saved)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                self._evaluate()
             if self.eval_jobs is not None:
                 self.eval_jobs.poll()  # start queued jobs, log the results that arrived
             if any_rank(self._stop_requested, self.dist):
@@ -459,12 +460,15 @@ class Trainer:
         self.loggers.log_metrics(self.step, "train", values)
 
     def _evaluate(self) -> None:
-        result = self.task.evaluate(self.step)
+        with self.parallel.gathered():  # under FSDP, generation may call any method, any number of times
+            result = self.task.evaluate(self.step)
         self._last_eval = (self.step, result.metrics)
         if not self.dist.is_main:
             return
         if result.metrics:
             self.loggers.log_metrics(self.step, "val", result.metrics)
+            if self._saved_this_step():  # saved just before this eval: its metrics.json and `best` learn them
+                self.checkpointer.record_metrics(self.checkpointer.last_saved, result.metrics, self.best)
         for tag, grid in result.images.items():
             name = f"step_{self.step:08d}.png" if tag == "samples" else f"{tag}_step_{self.step:08d}.png"
             save_png(self.out_dir / "samples" / name, grid)

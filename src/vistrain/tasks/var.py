@@ -364,7 +364,6 @@ register(TaskSpec(
     # --num-per-class: one row per class; labels cycling over the classes: one column per class
     grid_columns=lambda model_config, request: (request.options.get("num_per_class")
                                                 or min(model_config["model"]["num_classes"], 10)),
-    smoke_overrides=("model.depth=2", "var.num_samples=4", "var.val_images=16", "var.sample_top_k=0",
-                     "var.sample_top_p=0.0"),
+    smoke_overrides=("model.depth=2", "var.num_samples=4", "var.val_images=16"),
 ))
 
