@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from vistrain.engine import config as engine_config
 from vistrain.engine.config import EvalConfig, RunConfig, TrainConfig
 from vistrain.engine.optim import OptimConfig, validate as validate_optim
 from vistrain.errors import ConfigError
+from vistrain.outpaths import check_path_length
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "to_yaml"]
 
@@ -63,6 +66,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
 def validate(cfg: ExperimentConfig) -> None:
     """Checks that the type system cannot express, each naming the full key."""
     engine_config.validate(cfg.run, cfg.train, cfg.eval)
+    check_path_length(cfg.run.out_dir, "run.out_dir")
+    _check_eval_executor(cfg.eval)
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers}: must be >= 0 (0 loads in the training process)")
     for key, optim in _sections_of_type(cfg, OptimConfig):
@@ -70,6 +75,21 @@ def validate(cfg: ExperimentConfig) -> None:
             validate_optim(optim)
         except ValueError as e:  # its messages say "optim.<key>": name the section it sits in
             raise ConfigError(str(e).replace("optim.", f"{key}.", 1)) from None
+
+
+def _check_eval_executor(evaluation: EvalConfig) -> None:
+    """eval.mode=slurm submits eval jobs to SLURM through submitit. Without submitit the run would fail at its
+    first checkpoint; without SLURM, submitit would quietly run the jobs on this machine instead. Both are known
+    now, so say so now."""
+    if evaluation.mode != "slurm":
+        return
+    if importlib.util.find_spec("submitit") is None:
+        raise ConfigError("eval.mode=slurm submits eval jobs through submitit, which is not installed: "
+                          "pip install 'vistrain[eval]', or set eval.mode=local to run them as local processes")
+    if evaluation.slurm.cluster is None and shutil.which("srun") is None:  # how submitit looks for SLURM
+        raise ConfigError("eval.mode=slurm, but this machine has no SLURM (no srun on the PATH), so submitit would "
+                          "run the eval jobs here: start the run on a SLURM cluster, or set eval.mode=local (or "
+                          "eval.slurm.cluster=local to run them here through submitit)")
 
 
 def _sections_of_type(node: Any, kind: type, key: str = "") -> list[tuple[str, Any]]:
@@ -102,9 +122,45 @@ def _read_yaml(path: Path):
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
+    _check_expanded_size(data, path)
     return OmegaConf.create(data)
+
+
+MAX_CONFIG_VALUES = 100_000  # the shipped configs hold a few hundred values; a YAML alias bomb holds billions
+
+
+def _check_expanded_size(data: Any, path: Path) -> None:
+    """Refuse a config whose YAML aliases (`*name` repeats the section `&name`) expand beyond MAX_CONFIG_VALUES
+    values, or into a section that holds itself: expanding it would take memory without bound. The loaded data
+    shares each aliased section, so its expanded size is counted once per distinct section."""
+    sizes: dict[int, int] = {}
+    open_sections: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_sections:
+            raise ConfigError(f"config file {path}: a section holds itself through a YAML alias, so it never ends")
+        open_sections.add(id(node))
+        total = 1 + sum(size(child) for child in (node.values() if isinstance(node, dict) else node))
+        if total > MAX_CONFIG_VALUES:
+            raise ConfigError(f"config file {path} expands to more than {MAX_CONFIG_VALUES} values through its YAML "
+                              "aliases (*name repeats the section &name); a config holds a few hundred: is it an "
+                              "alias bomb?")
+        open_sections.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    try:
+        size(data)
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
 
 
 def _parse_overrides(overrides) -> Any:
