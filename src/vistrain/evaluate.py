@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.engine.rundir import write_text_atomic
 from vistrain.errors import ConfigError
-from vistrain.eval.score import ImageScorer, balanced_share
+from vistrain.eval.score import ImageScorer, balanced_share, check_judge_data
 from vistrain.tasks import SampleRequest, TaskSpec, get_spec
 
 
@@ -80,16 +81,24 @@ def _progress(chunks: Iterator, total: int, ctx: DistContext, what: str, size=le
 
 
 def _samples(ckpt: Path, model_config: dict, spec: TaskSpec, request: EvalRequest, ctx: DistContext):
-    # Everything that can fail fast (detector, reference statistics, judge) is loaded before the first sample.
+    # Everything that can fail fast (what was asked, detector, reference statistics, judge) is checked and loaded
+    # before the first sample.
+    data_name = trained_on(ckpt, model_config)
+    check_judge_data(request.metrics, data_name, "--metrics",
+                     f"{ckpt} was trained on data.name={data_name}" if data_name else
+                     f"{ckpt} does not record which data it was trained on (no run config.yaml beside it)")
+    if request.options.get("num_per_class") is not None:
+        raise ConfigError("--num-per-class is for vistrain sample: vistrain eval balances the classes of "
+                          "--num-images itself")
     scorer = ImageScorer(request.metrics, ref=request.ref, detector=request.detector, device=ctx.device,
                          batch_size=request.batch_size, dist_ctx=ctx)
+    scorer.check_num_images(request.num, "--num-images")
     classes = spec.num_classes(model_config) if spec.num_classes is not None else 0
     share = balanced_share(request.num, classes, ctx)
     labels, count = (share if classes else None), len(share)
-    options = {**request.options, "num_per_class": 0}  # the labels below decide the classes
     # the rank's own noise: its share is disjoint from every other rank's
     sample_request = SampleRequest(count, labels.tolist() if classes else None, request.seed * 1009 + ctx.rank,
-                                   request.batch_size, options)
+                                   request.batch_size, request.options)
     weights = ckpt_lib.load_weights(ckpt)
 
     def with_labels() -> Iterator:
@@ -123,6 +132,22 @@ def _lmms(ckpt: Path, spec: TaskSpec, request: EvalRequest, ctx: DistContext) ->
     record = run_lmms_eval(ckpt, request.lmms_tasks, None, batch_size=1, device=str(ctx.device),
                            limit=request.lmms_limit)
     return record["metrics"]
+
+
+def trained_on(ckpt: Path, model_config: dict) -> Optional[str]:
+    """The data.name a checkpoint was trained on: from its config.json when that says (tokenizers record their
+    data), else from the config.yaml of the run it belongs to; None when neither tells."""
+    data = model_config.get("data")
+    if isinstance(data, dict) and data.get("name"):
+        return str(data["name"])
+    run_config = ckpt.parent.parent / "config.yaml"
+    if ckpt.parent.name != "checkpoints" or not run_config.is_file():
+        return None
+    try:
+        data = (yaml.safe_load(run_config.read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):  # AttributeError: not a mapping; then it does not tell
+        return None
+    return str(data["name"]) if isinstance(data, dict) and data.get("name") else None
 
 
 def write_result(path: Path, record: dict) -> None:

@@ -102,6 +102,10 @@ class Detector(nn.Module):
     @torch.no_grad()
     def _run(self, images: Tensor, kwargs: dict) -> Tensor:
         out = self.net(images.to(self.device), **kwargs)
+        if not bool(torch.isfinite(out).all()):  # uint8 images in: a nan or inf out is the network's own doing
+            raise ConfigError(f"detector {self.identity} outputs non-finite values (nan or inf) for "
+                              f"{len(images)} images: it is damaged or not a feature network; check "
+                              f"{DETECTOR_SETTING}")
         return out.double()
 
     @staticmethod

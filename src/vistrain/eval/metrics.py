@@ -36,6 +36,8 @@ METRICS = {"fid": ("fid",), "kid": ("kid_mean", "kid_std"), "is": ("is_mean", "i
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # as the StyleGAN metrics
 IS_SPLITS = 10
 PR_NEIGHBOURS = 3  # k of the k-NN manifolds, as in Kynkaanniemi et al. and the StyleGAN metrics
+# metric -> the fewest (generated, reference) images it can be computed from: checked before any image is made
+MIN_IMAGES = {"fid": (2, 2), "kid": (2, 2), "is": (IS_SPLITS, 0), "pr": (PR_NEIGHBOURS + 1, PR_NEIGHBOURS + 1)}
 
 
 class _Given(nn.Module):

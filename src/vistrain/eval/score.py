@@ -11,6 +11,7 @@ a missing file fails in seconds, before any image is generated. Images come in a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
@@ -47,16 +48,24 @@ def default_best(metrics: list[str]) -> Optional[tuple[str, str]]:
     return next((_BEST_BY[m] for m in _BEST_BY if m in metrics), None)
 
 
+def check_judge_data(metrics: list[str], data_name: Optional[str], metrics_key: str, trained: str) -> None:
+    """The digits judge only knows digits: refuse it for a model of any other data, or of data nobody recorded
+    (its scores would be meaningless numbers). `trained` says what the model was trained on, for the message."""
+    if JUDGE in metrics and data_name != "digits":
+        raise ConfigError(f"{metrics_key} has `judge`, the digits judge, but {trained}: the judge only knows digits. "
+                          "Use fid / kid / is / pr (with a reference of real images) instead")
+
+
 def in_loop_scorer(eval_cfg, dist_ctx: DistContext, data_name: str) -> Optional["ImageScorer"]:
     """The scorer of `eval.metrics` for `eval.mode: sync`, or None. Tasks build it with themselves, so a missing
     detector or reference, or a judge asked to score what it does not know, fails before the first step."""
-    if JUDGE in eval_cfg.metrics and data_name != "digits":
-        raise ConfigError(f"eval.metrics has `judge`, the digits judge, but data.name={data_name}: it only knows "
-                          "digits. Use fid / kid / is / pr (with eval.ref), or eval.metrics=[] for none")
+    check_judge_data(eval_cfg.metrics, data_name, "eval.metrics", f"this run trains on data.name={data_name}")
     if eval_cfg.mode != "sync" or not eval_cfg.metrics:
         return None
-    return ImageScorer(list(eval_cfg.metrics), ref=eval_cfg.ref, detector=eval_cfg.detector, device=dist_ctx.device,
-                       batch_size=eval_cfg.batch_size, dist_ctx=dist_ctx)
+    scorer = ImageScorer(list(eval_cfg.metrics), ref=eval_cfg.ref, detector=eval_cfg.detector,
+                         device=dist_ctx.device, batch_size=eval_cfg.batch_size, dist_ctx=dist_ctx)
+    scorer.check_num_images(eval_cfg.num_samples, "eval.num_samples")
+    return scorer
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -91,11 +100,31 @@ class ImageScorer:
             from vistrain.eval.stats import reference_features
 
             self.ref = self._main_rank_first(lambda: reference_features(ref, self.detector, batch_size))
+            self._check_reference_size()
         self.judge = None
         if JUDGE in metrics:
             from vistrain.eval.digits_judge import DigitsJudge
 
             self.judge = self._main_rank_first(DigitsJudge.load)
+
+    def _fewest(self, side: int) -> tuple[int, str]:
+        """(the fewest images, the metric that needs them) of the generated (side 0) or reference (side 1) set."""
+        from vistrain.eval.metrics import MIN_IMAGES
+
+        needs = {**MIN_IMAGES, JUDGE: (2, 0)}
+        return max(((needs[m][side], m) for m in self.metrics if m in needs), default=(0, ""))
+
+    def _check_reference_size(self) -> None:
+        fewest, metric = self._fewest(1)
+        if self.ref.count < fewest:
+            raise ConfigError(f"reference {self.ref.source} holds {self.ref.count} images; {metric} needs at least "
+                              f"{fewest}: give a reference of more real images (--ref, eval.ref)")
+
+    def check_num_images(self, num: int, key: str) -> None:
+        """Refuse, before any image is generated, a sample count too small for the metrics (`key` names it)."""
+        fewest, metric = self._fewest(0)
+        if num < fewest:
+            raise ConfigError(f"{key} {num}: {metric} needs at least {fewest} generated images")
 
     def _main_rank_first(self, load):
         """`load()` on rank 0, which computes and caches (a folder's statistics, the judge) the first time;
@@ -116,6 +145,9 @@ class ImageScorer:
 
         def for_detector() -> Iterator[Tensor]:
             for images, labels in chunks:
+                if not bool(torch.isfinite(images).all()):
+                    raise ValueError("the model generated non-finite pixel values (nan or inf): its weights are "
+                                     "damaged or diverged, so there is nothing to score")
                 if self.judge is not None:
                     if images.shape[-1] > JUDGE_MAX_RESOLUTION:
                         raise ConfigError(f"the digits judge scores digits (at most {JUDGE_MAX_RESOLUTION} px), "
@@ -134,7 +166,7 @@ class ImageScorer:
                 pass
         if self.judge is not None:
             out.update(self._judge(judged))
-        return out
+        return self._finite(out)
 
     def _judge(self, judged: list[tuple[Tensor, Optional[Tensor]]]) -> dict[str, float]:
         from vistrain.eval.digits_judge import judge_metrics
@@ -175,4 +207,17 @@ class ImageScorer:
             real = torch.cat([f for share in shares for f in share[1]])
             fake = torch.cat([f for share in shares for f in share[2]])
             out["rfid"] = frechet_distance(fake, real)
-        return {m: out[m] for m in self.metrics}
+        return self._finite({m: out[m] for m in self.metrics})
+
+    def _finite(self, scores: dict[str, float]) -> dict[str, float]:
+        """Every score that leaves a scorer is a number: a nan or inf is an error naming what it was computed from
+        (the inputs are checked where they enter -- reference statistics, detector outputs, generated images --
+        so one that still gets here is a numerical failure of the metric itself)."""
+        bad = {name: value for name, value in scores.items() if not math.isfinite(value)}
+        if bad:
+            inputs = [f"reference {self.ref.source}" if self.ref is not None else "",
+                      f"detector {self.detector.identity}" if self.detector is not None else "",
+                      "the digits judge" if self.judge is not None else ""]
+            raise ValueError(f"non-finite scores {bad}, computed from {', '.join(i for i in inputs if i)}: "
+                             "not a result; check those inputs")
+        return scores

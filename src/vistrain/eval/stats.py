@@ -68,6 +68,10 @@ def load_stats(path: str, detector: Optional[Detector] = None) -> RefStats:
         mu, sigma, count = data["mu"].astype(np.float64), data["sigma"].astype(np.float64), int(data["count"])
         features = data["features"].astype(np.float64) if "features" in data else None
         made_by = str(data["detector"]) if "detector" in data else ""
+    for name, values in (("mu", mu), ("sigma", sigma), ("features", features)):
+        if values is not None and not np.isfinite(values).all():
+            raise ConfigError(f"reference statistics {path}: {name} holds non-finite values (nan or inf); compute "
+                              "them again from the reference images (give --ref / eval.ref the image folder)")
     dim = mu.shape[0]
     if mu.ndim != 1 or sigma.shape != (dim, dim) or count < 2 or (features is not None and
                                                                   features.shape != (count, dim)):

@@ -31,12 +31,25 @@ BUILTIN_TASKS = {"gan": "vistrain.tasks.gan", "vqvae": "vistrain.tasks.vqvae", "
 
 @dataclass(frozen=True)
 class SampleOption:
-    """A task-specific flag of `vistrain sample`, e.g. VAR's `--top-k`; a bool type makes a switch."""
+    """A task-specific flag of `vistrain sample` (and `vistrain eval`), e.g. VAR's `--top-k`; a bool type makes a
+    switch. The task that declares a flag says which values it accepts: `valid(value)`, and `rule` in words."""
 
     flag: str
     type: type
     default: Any
     help: str
+    valid: Optional[Callable[[Any], bool]] = None
+    rule: str = ""  # e.g. "must be >= 0 (0 = off)"
+
+    @property
+    def dest(self) -> str:
+        """The option's key in SampleRequest.options (argparse's dest)."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def check(self, value: Any) -> None:
+        """Refuse a value the task cannot use, naming the flag (None: not given, nothing to check)."""
+        if value is not None and self.valid is not None and not self.valid(value):
+            raise ConfigError(f"{self.flag} {value}: {self.rule}")
 
 
 @dataclass

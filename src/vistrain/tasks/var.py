@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,13 +321,16 @@ def load_transformer(model_config: dict, weights: dict[str, Tensor], device: tor
 def sample_labels(model_config: dict, request: SampleRequest) -> Tensor:
     """The class of every requested image: --num-per-class K gives K of each class in turn, else --labels cycle."""
     classes = model_config["model"]["num_classes"]
-    per_class = request.options.get("num_per_class") or 0
-    if per_class:
+    per_class = request.options.get("num_per_class")  # None: not given
+    if per_class is not None and request.labels:
+        raise ConfigError("--num-per-class and --labels both choose the classes: give one (--num-per-class K: K "
+                          "images of every class; --labels: cycle through the given classes)")
+    if per_class is not None:
         return torch.arange(classes).repeat_interleave(per_class)
     if request.labels:
         bad = [c for c in request.labels if not 0 <= c < classes]
         if bad:
-            raise ValueError(f"--labels {bad} out of range: this model has classes 0..{classes - 1}")
+            raise ConfigError(f"--labels {bad} out of range: this model has classes 0..{classes - 1}")
         return torch.tensor(request.labels)[torch.arange(request.num) % len(request.labels)]
     return torch.arange(request.num) % classes
 
@@ -355,11 +359,15 @@ register(TaskSpec(
     num_classes=lambda model_config: model_config["model"]["num_classes"],
     sample_count=lambda model_config, request: len(sample_labels(model_config, request)),
     sample_options=(
-        SampleOption("--cfg", float, 1.5, "classifier-free guidance at the last scale (ramps up from 0)"),
-        SampleOption("--top-k", int, 900, "sample among the k most likely codes (0 = off, 1 = greedy)"),
-        SampleOption("--top-p", float, 0.96, "nucleus sampling mass (0 = off)"),
+        SampleOption("--cfg", float, 1.5, "classifier-free guidance at the last scale (ramps up from 0)",
+                     valid=lambda v: math.isfinite(v) and v >= 0, rule="must be a finite number >= 0"),
+        SampleOption("--top-k", int, 900, "sample among the k most likely codes (0 = off, 1 = greedy)",
+                     valid=lambda v: v >= 0, rule="must be >= 0 (0 = off, 1 = greedy)"),
+        SampleOption("--top-p", float, 0.96, "nucleus sampling mass (0 = off)",
+                     valid=lambda v: 0 <= v <= 1, rule="must be in [0, 1] (0 = off)"),  # nan fails too
         SampleOption("--more-smooth", bool, False, "the reference's smooth Gumbel option (for visuals, not FID)"),
-        SampleOption("--num-per-class", int, 0, "K images of every class (a class-balanced set; sets --num)"),
+        SampleOption("--num-per-class", int, None, "K images of every class (a class-balanced set; sets --num)",
+                     valid=lambda v: v >= 1, rule="must be at least 1"),
     ),
     # --num-per-class: one row per class; labels cycling over the classes: one column per class
     grid_columns=lambda model_config, request: (request.options.get("num_per_class")
