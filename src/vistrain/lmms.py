@@ -146,9 +146,12 @@ class VLMRunner:
 
     @torch.no_grad()
     def answer(self, images: list, text: str, settings: GenerationSettings) -> str:
-        from vistrain.tasks.vlm import answer_ids, decode_answer
+        from vistrain.tasks.vlm import answer_ids, context_room, decode_answer
 
-        ids = answer_ids(self.model, self.prompt(images, text), settings.max_new_tokens, self.eos_id,
+        encoded = self.prompt(images, text)
+        # a benchmark's max_new_tokens is the most it wants, not a demand: the model's context bounds it
+        max_new_tokens = max(0, min(settings.max_new_tokens, context_room(self.model, encoded)))
+        ids = answer_ids(self.model, encoded, max_new_tokens, self.eos_id,
                          greedy=settings.greedy, temperature=settings.temperature, top_k=settings.top_k,
                          top_p=settings.top_p, generator=None if settings.greedy else self.generator)
         return cut_at_stop(decode_answer(self.tokenizer, ids.cpu(), self.eos_id), settings.until)
@@ -333,10 +336,13 @@ def run_lmms_eval(folder: str | Path, tasks: str | Sequence[str], out_json: str 
     install)."""
     from vistrain.engine import checkpoint as ckpt_lib
     from vistrain.engine.rundir import write_text_atomic
+    from vistrain.outpaths import check_output_file
 
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
         raise ValueError("no lmms-eval task given (e.g. mmstar,mmmu_val)")
+    if out_json is not None:  # before the benchmark: its result must have a place to go
+        check_output_file(out_json, "out_json")
     ckpt = ckpt_lib.find_checkpoint(Path(folder))
     simple_evaluate = _import_simple_evaluate()
     lm = adapter_class()(pretrained=str(ckpt), device=device, batch_size=batch_size)

@@ -115,9 +115,33 @@ class VLMExperimentConfig(ExperimentConfig):
 
 
 def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved in a local folder. Never the hub: a path that is not a folder is an error at once (given
+    a name that looks like a repo id, transformers would otherwise retry the network for a minute)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    if not Path(folder).is_dir():
+        raise ValueError(f"{folder} is not a folder: give a local folder with the tokenizer files (vistrain does "
+                         "not download)")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, the tokenizers library's own)
+        raise ValueError(f"the tokenizer in {folder} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def checkpoint_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a VLM checkpoint or model folder (its tokenizer/ asset), its files checked first against
+    the checksums recorded when they were written: CheckpointError names a damaged file or the missing folder."""
+    tokenizer_dir = Path(folder) / TOKENIZER_DIR
+    if not tokenizer_dir.is_dir():
+        raise ckpt_lib.CheckpointError(f"{folder} has no {TOKENIZER_DIR}/ folder, so it is not a complete VLM "
+                                       "checkpoint or model folder: give one that vistrain wrote (train, export or "
+                                       "import)")
+    files = tuple(p.relative_to(folder).as_posix() for p in sorted(tokenizer_dir.rglob("*")) if p.is_file())
+    ckpt_lib.verify_checkpoint(Path(folder), only=files)
+    try:
+        return load_tokenizer(tokenizer_dir)
+    except ValueError as e:
+        raise ckpt_lib.CheckpointError(str(e)) from None
 
 
 def tokenizer_assets(tokenizer: Any) -> dict[str, bytes]:
@@ -127,12 +151,12 @@ def tokenizer_assets(tokenizer: Any) -> dict[str, bytes]:
         return {f"{TOKENIZER_DIR}/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
-def lm_tokenizer(folder: str) -> Any:
-    """A language model's own tokenizer, extended with the image tokens."""
+def lm_tokenizer(folder: str, key: str = "model.lm_from") -> Any:
+    """A language model's own tokenizer, extended with the image tokens; errors name `key` (the key or flag)."""
     try:
         tokenizer = load_tokenizer(Path(folder))
-    except Exception as e:  # transformers raises several kinds for a folder without tokenizer files
-        raise ConfigError(f"model.lm_from={folder}: no usable tokenizer there ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ConfigError(f"{key}={folder}: {e}") from None
     add_vqa_special_tokens(tokenizer)
     return tokenizer
 
@@ -210,7 +234,10 @@ class VLMTask(Task):
         if resumed is not None and (Path(resumed) / TOKENIZER_DIR).is_dir():
             return load_tokenizer(Path(resumed) / TOKENIZER_DIR)  # the run's own, exactly
         if m.init:
-            return load_tokenizer(_model_folder(m.init, "model.init") / TOKENIZER_DIR)
+            try:
+                return checkpoint_tokenizer(_model_folder(m.init, "model.init"))
+            except ckpt_lib.CheckpointError as e:
+                raise ConfigError(f"model.init={m.init}: {e}") from None
         if m.lm_from:
             return lm_tokenizer(m.lm_from)
         return train_tokenizer(vqa_texts(self.train_set), vqa_special_tokens(), vocab_size=m.tokenizer_vocab_size)
@@ -373,7 +400,7 @@ def build_vlm(vision_cfg: ViTConfig, lm_cfg: LlamaConfig, pixel_shuffle_factor: 
 def import_hf(vision_from: str, lm_from: str, pixel_shuffle_factor: int) -> tuple[dict, dict, dict]:
     """`vistrain import vlm`: (model_config, weights, assets) of a VLM made of two local Hugging Face folders,
     with a new projector and the LM's tokenizer extended with the image tokens."""
-    tokenizer = lm_tokenizer(lm_from)
+    tokenizer = lm_tokenizer(lm_from, key="--lm")
     model = build_vlm(ViTConfig(), LlamaConfig(), pixel_shuffle_factor, tokenizer, vision_from, lm_from)
     model_config = {"task": "vlm", "model": dataclasses.asdict(model.cfg), "chat_template": "chatml",
                     "max_image_size": 4 * model.cfg.vision.image_size}
@@ -421,10 +448,16 @@ def decode_answer(tokenizer: Any, ids: Tensor, eos_id: int) -> str:
 
 
 def _model_folder(path: str, key: str) -> Path:
+    """The VLM checkpoint or model folder that config key `key` names (a run folder: its latest checkpoint)."""
     try:
-        return ckpt_lib.find_checkpoint(Path(path))
+        folder = ckpt_lib.find_checkpoint(Path(path))
+        task = ckpt_lib.load_model_config(folder).get("task")
     except ckpt_lib.CheckpointError as e:
         raise ConfigError(f"{key}={path}: {e}") from None
+    if task != "vlm":
+        raise ConfigError(f"{key}={path} holds a {task!r} model, not a vision-language model: give the run, "
+                          "checkpoint or model folder of a VLM")
+    return folder
 
 
 def load_vlm(folder: Path, device: torch.device | str = "cpu") -> VisionLanguageModel:
@@ -443,11 +476,9 @@ def load_for_generation(folder: Path, device: torch.device | str = "cpu") -> tup
     image_labels), which chat template renders the prompt, and which token ends an answer (eos_token,
     default <|im_end|>)."""
     folder = Path(folder)
+    tokenizer = checkpoint_tokenizer(folder)  # first: seconds, and a folder without one needs no model loaded
     model = load_vlm(folder, device)
     model_config = ckpt_lib.load_model_config(folder)
-    if not (folder / TOKENIZER_DIR).is_dir():
-        raise ValueError(f"{folder} has no {TOKENIZER_DIR}/ folder: export or import the model with vistrain")
-    tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
     vcfg = model.cfg.vision
     style = image_style(model_config)
     processor = ImageProcessor(vcfg.image_size, model_config.get("max_image_size", vcfg.image_size),
@@ -474,6 +505,15 @@ def generate(folder: Path, images: list[str], prompt: str, max_new_tokens: int, 
         except (OSError, ValueError) as e:
             raise ValueError(f"--image {path}: cannot be read as an image ({e})") from None
     encoded = encode_question(encoder, pictures, prompt)
+    room = context_room(model, encoded)
+    if room < 1:
+        raise ConfigError(f"--prompt and --image take {len(encoded['input_ids'])} tokens, more than this model's "
+                          f"context of {model.cfg.lm.max_position_embeddings}: ask with fewer or smaller images or "
+                          "a shorter prompt")
+    if max_new_tokens > room:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: this model's context is "
+                          f"{model.cfg.lm.max_position_embeddings} tokens and the prompt with its images takes "
+                          f"{len(encoded['input_ids'])}, which leaves room for at most {room}")
     generator = torch.Generator(device).manual_seed(seed)
     ids = answer_ids(model, encoded, max_new_tokens, eos_id, greedy=greedy, temperature=temperature, top_k=top_k,
                      top_p=top_p, generator=generator)
@@ -490,11 +530,20 @@ def encode_question(encoder: VQAEncoder, images: list, prompt: str) -> dict[str,
     return encoded
 
 
+def context_room(model: VisionLanguageModel, encoded: dict[str, Any]) -> int:
+    """How many new tokens fit in the model's context (lm.max_position_embeddings) after an encoded question."""
+    return model.cfg.lm.max_position_embeddings - len(encoded["input_ids"])
+
+
 def answer_ids(model: VisionLanguageModel, encoded: dict[str, Any], max_new_tokens: int, eos_id: int,
                greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
                generator: Optional[torch.Generator] = None) -> Tensor:
     """The new token ids (N,), N <= max_new_tokens, that the model writes after an encoded question (on the
-    model's device); the last is eos_id when it stopped by itself."""
+    model's device); the last is eos_id when it stopped by itself. At most `context_room` tokens: the cache
+    for more would only hold positions the model never learnt."""
+    if max_new_tokens > context_room(model, encoded):
+        raise ValueError(f"max_new_tokens {max_new_tokens}: at most {context_room(model, encoded)} fit in the "
+                         f"model's context after this prompt")
     device = next(model.parameters()).device
     ids = model.generate(encoded["input_ids"][None].to(device), encoded["pixel_values"].to(device),
                          max_new_tokens=max_new_tokens, eos_token_id=eos_id, greedy=greedy, temperature=temperature,
