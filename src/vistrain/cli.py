@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Optional
 
 USAGE_EXAMPLES = """examples:
   vistrain train configs/gan/digits.yaml
@@ -128,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_import(args) -> int:
+    from vistrain.errors import ConfigError
+    from vistrain.outpaths import check_output_folder
+
+    try:
+        check_output_folder(args.out, "--out")
+    except ConfigError as e:
+        return _fail(str(e), 2)
     if args.kind == "nanovlm":
         return run_import_nanovlm(args)
     if args.source or args.source_opt or args.tokenizer:
@@ -147,9 +155,10 @@ def run_import(args) -> int:
             return _fail(f"--patch-nums {args.patch_nums}: expected comma-separated sizes, e.g. 1,2,3,4", 2)
     try:
         model_config, weights = import_official(args.vae, args.var, patch_nums)
+        refuse_non_finite(weights, {"vae.": f"--vae {args.vae}", "var.": f"--var {args.var}"})
         folder = write_model_folder(Path(args.out), weights, model_config)
-    except (OfficialFormatError, CheckpointError) as e:
-        return _fail(str(e), 2 if isinstance(e, OfficialFormatError) else 1)
+    except (ValueError, CheckpointError) as e:  # OfficialFormatError is a ValueError: a bad input file
+        return _fail(str(e), 1 if isinstance(e, CheckpointError) else 2)
     depth = model_config["model"]["depth"]
     print(f"imported VAR-d{depth} and its tokenizer into {folder}: sample with `vistrain sample {folder} --out x.png`, "
           f"fine-tune with var.init={folder} var.tokenizer={folder}")
@@ -163,8 +172,13 @@ def run_import_vlm(args) -> int:
 
     if not (args.vision and args.lm):
         return _fail("import vlm needs --vision (a SigLIP folder) and --lm (a Llama-family folder)", 2)
+    for flag, path in (("--vision", args.vision), ("--lm", args.lm)):
+        if not Path(path).is_dir():  # never a hub id: vistrain does not download
+            return _fail(f"{flag} {path} is not a folder: give a local Hugging Face model folder (download it first, "
+                         "e.g. `huggingface-cli download <repo id> --local-dir <folder>`)", 2)
     try:
         model_config, weights, assets = import_hf(args.vision, args.lm, args.pixel_shuffle_factor)
+        refuse_non_finite(weights, {"vlm.vision.": f"--vision {args.vision}", "vlm.lm.": f"--lm {args.lm}"})
         folder = write_model_folder(Path(args.out), weights, model_config, assets)
     except (ConfigError, ValueError) as e:
         return _fail(str(e), 2)
@@ -186,8 +200,9 @@ def run_import_nanovlm(args) -> int:
         return _fail("import nanovlm needs the folder nanoVLM's save_pretrained wrote (SOURCE or --source)", 2)
     try:
         model_config, weights, assets = import_nanovlm(source, args.tokenizer)
+        refuse_non_finite(weights, {"": source})
         folder = write_model_folder(Path(args.out), weights, model_config, assets)
-    except NanoVLMFormatError as e:
+    except (NanoVLMFormatError, ValueError) as e:
         return _fail(str(e), 2)
     except CheckpointError as e:
         return _fail(str(e), 1)
@@ -198,6 +213,18 @@ def run_import_nanovlm(args) -> int:
     return 0
 
 
+def refuse_non_finite(weights: dict, sources: dict[str, str]) -> None:
+    """Imported weights that hold nan or inf would only fail later, deep in sampling or training: refuse them here,
+    naming the tensor and the input it came from (`sources`: key prefix -> flag and file)."""
+    import torch
+
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            source = next((s for prefix, s in sources.items() if key.startswith(prefix)), "the input")
+            raise ValueError(f"{source}: tensor {key} holds non-finite values (nan or inf); the file is damaged or "
+                             "comes from a diverged run, so it was not imported")
+
+
 def run_generate(args) -> int:
     from vistrain.engine import checkpoint as ckpt_lib
     from vistrain.engine.dist import pick_device
@@ -206,8 +233,11 @@ def run_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         return _fail(f"--max-new-tokens {args.max_new_tokens}: must be at least 1", 2)
-    if args.temperature is not None and (args.greedy or args.temperature <= 0):
-        return _fail("--temperature samples (and must be > 0); --greedy takes the most likely token: give one", 2)
+    if args.temperature is not None and (args.greedy or not 0 < args.temperature < float("inf")):
+        return _fail("--temperature samples (and must be a finite number > 0); --greedy takes the most likely "
+                     "token: give one", 2)
+    if args.top_k < 0 or not 0 <= args.top_p <= 1:
+        return _fail(f"--top-k {args.top_k} --top-p {args.top_p}: top-k must be >= 0 and top-p in [0, 1] (0 = off)", 2)
     try:
         device = pick_device(args.device, 0)
         folder = ckpt_lib.find_checkpoint(Path(args.source), args.which)
@@ -217,7 +247,9 @@ def run_generate(args) -> int:
         greedy = args.temperature is None
         text = spec.generate(folder, args.image, args.prompt, args.max_new_tokens, greedy,
                              args.temperature or 1.0, args.top_k, args.top_p, args.seed, device)
-    except (ckpt_lib.CheckpointError, ConfigError, ValueError) as e:
+    except ConfigError as e:  # a flag the model cannot honour (--max-new-tokens beyond its context)
+        return _fail(str(e), 2)
+    except (ckpt_lib.CheckpointError, ValueError) as e:
         return _fail(_sample_message(e, args), 1)
     print(text)
     return 0
@@ -226,7 +258,13 @@ def run_generate(args) -> int:
 def run_export(args) -> int:
     """Copy a checkpoint's model files (weights, config, assets) into a release folder with a model card."""
     from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.errors import ConfigError
+    from vistrain.outpaths import check_output_folder
 
+    try:
+        check_output_folder(args.out, "--out")
+    except ConfigError as e:
+        return _fail(str(e), 2)
     try:
         try:
             folder = ckpt_lib.find_checkpoint(Path(args.source), args.which)
@@ -253,7 +291,12 @@ def model_card(folder: Path, model_config: dict, weights: dict) -> str:
     import json
 
     metrics_file = folder / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    try:  # not checksummed (best and eval add to it), so read it with care: a card without metrics is still a card
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    except (OSError, ValueError):
+        metrics = {}
+    if not isinstance(metrics, dict):
+        metrics = {}
     n_params = sum(v.numel() for v in weights.values())
     lines = [f"# A vistrain {model_config.get('task')} model", "",
              f"Exported from `{folder}` ({n_params / 1e6:.1f}M parameters in model.safetensors).", "",
@@ -268,7 +311,7 @@ def model_card(folder: Path, model_config: dict, weights: dict) -> str:
               "`checksums.json`: sha256 of every file", ""]
     if metrics:
         lines += ["## Metrics at export", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
     lines += ["", "## Config", "", "```json", json.dumps(model_config, indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
@@ -359,15 +402,12 @@ def run_sample(parser: argparse.ArgumentParser, sample_parser: argparse.Argument
     args = parser.parse_args(argv)
     try:
         request, out, device = _sample_request(args, spec)
-    except (ValueError, ConfigError) as e:
+        count, columns = _sample_layout(spec, model_config, request, out)
+    except ValueError as e:  # ConfigError too: every flag is checked before any work
         return _fail(str(e), 2)
     try:
         with _signals_stop_sampling():
             weights = ckpt_lib.load_weights(ckpt)
-            columns = spec.grid_columns(model_config, request) if spec.grid_columns else None
-            count = spec.sample_count(model_config, request) if spec.sample_count else request.num
-            if out.suffix == ".png" and count > MAX_GRID_IMAGES:
-                raise ValueError(f"{count} images in a .png grid: at most {MAX_GRID_IMAGES}; write .npz for more")
             written = _write_samples(spec.sample(model_config, weights, request, device), out, count, columns)
     except (ckpt_lib.CheckpointError, ValueError) as e:
         return _fail(_sample_message(e, args), 1)
@@ -376,6 +416,15 @@ def run_sample(parser: argparse.ArgumentParser, sample_parser: argparse.Argument
         return 128 + e.signum  # the shell's status for a process ended by that signal
     print(f"wrote {written} images from {ckpt} to {out}")
     return 0
+
+
+def _sample_layout(spec, model_config: dict, request, out: Path) -> tuple[int, Optional[int]]:
+    """The number of images a request makes (the task's own flags may decide it) and the columns of a .png grid;
+    the task refuses flags that contradict each other here."""
+    count = spec.sample_count(model_config, request) if spec.sample_count else request.num
+    if out.suffix == ".png" and count > MAX_GRID_IMAGES:
+        raise ValueError(f"{count} images in a .png grid: at most {MAX_GRID_IMAGES}; write .npz for more")
+    return count, spec.grid_columns(model_config, request) if spec.grid_columns else None
 
 
 def _sample_message(err: Exception, args) -> str:
@@ -388,11 +437,10 @@ def _sample_message(err: Exception, args) -> str:
 def _sample_request(args, spec):
     """Check the flags of `vistrain sample`; every message names the flag."""
     from vistrain.engine.dist import pick_device
+    from vistrain.outpaths import check_output_file
     from vistrain.tasks import SampleRequest
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name ending in .png or .npz")
+    out = check_output_file(args.out, "--out", example="samples.png")
     if out.suffix not in (".png", ".npz"):
         raise ValueError(f"--out {out}: expected a file name ending in .png (a grid) or .npz (arr_0 array)")
     if args.num < 1:
@@ -425,7 +473,10 @@ def add_task_options(subparser: argparse.ArgumentParser, spec) -> None:
 
 
 def task_options(args, spec) -> dict:
-    return {name: getattr(args, name) for name in (o.flag.lstrip("-").replace("-", "_") for o in spec.sample_options)}
+    """The task's own flags by dest name, each checked by the task that declares it (ConfigError naming it)."""
+    for option in spec.sample_options:
+        option.check(getattr(args, option.dest))
+    return {option.dest: getattr(args, option.dest) for option in spec.sample_options}
 
 
 def run_eval(parser: argparse.ArgumentParser, eval_parser: argparse.ArgumentParser, argv: list[str]) -> int:
@@ -437,6 +488,7 @@ def run_eval(parser: argparse.ArgumentParser, eval_parser: argparse.ArgumentPars
     from vistrain.engine import checkpoint as ckpt_lib
     from vistrain.engine.dist import init_distributed, shutdown
     from vistrain.errors import ConfigError
+    from vistrain.outpaths import check_output_file
     from vistrain.tasks import get_spec
 
     args, _ = parser.parse_known_args(argv)
@@ -448,13 +500,17 @@ def run_eval(parser: argparse.ArgumentParser, eval_parser: argparse.ArgumentPars
     add_task_options(eval_parser, spec)
     args = parser.parse_args(argv)
     names = lambda text: [m.strip() for m in text.split(",") if m.strip()]  # noqa: E731
-    request = evaluate.EvalRequest(names(args.metrics), args.num, args.batch_size, args.seed, args.ref, args.detector,
-                                   names(args.lmms_tasks), args.lmms_limit, task_options(args, spec))
-    if not (request.metrics or request.lmms_tasks):
-        return _fail("nothing to score: give --metrics (e.g. fid,kid,is,pr or judge) or --lmms-tasks", 2)
-    if args.num < 1 or args.batch_size < 1:
-        return _fail(f"--num-images {args.num} and --batch-size {args.batch_size}: both must be at least 1", 2)
-    out = Path(args.out) if args.out else evaluate.default_result_path(ckpt)
+    try:
+        request = evaluate.EvalRequest(names(args.metrics), args.num, args.batch_size, args.seed, args.ref,
+                                       args.detector, names(args.lmms_tasks), args.lmms_limit, task_options(args, spec))
+        if not (request.metrics or request.lmms_tasks):
+            raise ConfigError("nothing to score: give --metrics (e.g. fid,kid,is,pr or judge) or --lmms-tasks")
+        if args.num < 1 or args.batch_size < 1:
+            raise ConfigError(f"--num-images {args.num} and --batch-size {args.batch_size}: both must be at least 1")
+        # the result's place is checked before any work: a score must never be lost to a bad --out
+        out = check_output_file(args.out or evaluate.default_result_path(ckpt), "--out")
+    except ConfigError as e:
+        return _fail(str(e), 2)
     try:
         ctx = init_distributed(args.device.split(":")[0])
         if ":" in args.device:  # one process on a chosen GPU (an eval job beside training)
@@ -472,9 +528,13 @@ def run_eval(parser: argparse.ArgumentParser, eval_parser: argparse.ArgumentPars
     finally:
         shutdown(ctx, clean)
     if ctx.is_main:
-        evaluate.write_result(out, record)
         shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record["metrics"].items())
-        print(f"{ckpt} ({record['seconds']:.0f} s): {shown}\nwrote {out}", flush=True)
+        print(f"{ckpt} ({record['seconds']:.0f} s): {shown}", flush=True)  # first: a failed write loses no score
+        try:
+            evaluate.write_result(out, record)
+        except OSError as e:
+            return _fail(f"--out {out}: the result could not be written ({e}); the scores are printed above", 1)
+        print(f"wrote {out}", flush=True)
     return 0
 
 
