@@ -29,33 +29,78 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MAX_GRID_SIDE = 8  # the row/column special tokens go up to <row_8_col_8>
 _BICUBIC = getattr(Image, "Resampling", Image).BICUBIC  # PIL's bicubic is antialiased when it shrinks
 RESIZE_MODES = ("vistrain", "nanovlm", "nanovlm_tiles")  # see the module docstring
 
 
+class UnreadableImage(ValueError):
+    """An image of a sample that cannot be decoded (not an image, truncated, missing file): the sample is
+    skipped by whoever knows which source and row it is, never the run."""
+
+
 def as_pil(image: Any) -> Image.Image:
-    """A PIL image from what a data set row holds: a PIL image, or a {"bytes", "path"} dict.
+    """A PIL image from what a data set row holds: a PIL image, a {"bytes", "path"} dict or a path.
 
     The dict form is what ``datasets`` returns when image decoding is off (the length pass reads only the
-    image header that way) or when a parquet column was never declared an Image feature.
+    image header that way) or when a parquet column was never declared an Image feature. Only the header
+    is read here; pixels are decoded when used (``load_image`` decodes them at once).
     """
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, dict):
-        if image.get("bytes") is not None:
+    try:
+        if isinstance(image, dict) and image.get("bytes") is not None:
             return Image.open(io.BytesIO(image["bytes"]))
-        if image.get("path"):
-            return Image.open(image["path"])
-    raise TypeError(f"expected a PIL image or a {{'bytes', 'path'}} dict, got {type(image).__name__}")
+        path = image.get("path") if isinstance(image, dict) else image
+        if isinstance(path, str) and path:
+            return Image.open(path)
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise UnreadableImage(f"cannot be read ({_why(image, e)})") from None
+    what = "a dict with neither bytes nor a path" if isinstance(image, dict) else f"a {type(image).__name__}"
+    raise UnreadableImage(f"is {what}, not an image: expected a PIL image, a {{bytes, path}} dict or a path")
+
+
+def load_image(image: Any) -> Image.Image:
+    """``as_pil`` with every pixel decoded now, so that a truncated file fails here and not mid-resize."""
+    picture = as_pil(image)
+    try:
+        picture.load()
+    except Exception as e:
+        raise UnreadableImage(f"cannot be read ({_why(image, e)})") from None
+    return picture
+
+
+def images_of(sample: Mapping[str, Any]) -> list[Any]:
+    """A sample's images as a list: none (None), the list itself, or a lone image as a list of one."""
+    images = sample.get("images")
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def load_images(images: Sequence[Any]) -> list[Image.Image]:
+    """``load_image`` of each; the error names the one that failed (``images[1] cannot be read (...)``)."""
+    loaded = []
+    for k, image in enumerate(images):
+        try:
+            loaded.append(load_image(image))
+        except UnreadableImage as e:
+            raise UnreadableImage(f"images[{k}] {e}") from None
+    return loaded
+
+
+def _why(image: Any, error: Exception) -> str:
+    if isinstance(error, UnidentifiedImageError) and isinstance(image, dict) and image.get("bytes") is not None:
+        return "UnidentifiedImageError: its bytes are not in an image format PIL reads"  # PIL's text names a BytesIO
+    return f"{type(error).__name__}: {error}"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

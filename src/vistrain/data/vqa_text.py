@@ -32,13 +32,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vistrain.data.vqa_images import ImageProcessor, as_pil
+from vistrain.data.vqa_images import ImageProcessor, UnreadableImage, as_pil, images_of, load_images
+from vistrain.errors import ConfigError
 
 IMAGE_TOKEN = "<|image|>"
 GLOBAL_IMAGE_TOKEN = "<|global_image|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
 IGNORE_INDEX = -100  # label of tokens without loss (the value torch's cross_entropy ignores by default)
+UNREADABLE = -1  # the token count ``measure`` gives a sample with an image it cannot read
 
 # the_cauldron's per-turn quality ratings (1..5); a turn rated below the minimum of any column is dropped.
 RATING_COLUMNS = (
@@ -94,22 +96,63 @@ def add_vqa_special_tokens(tokenizer: Any, chatml: bool = True) -> int:
     return tokenizer.add_tokens(new, special_tokens=True) if new else 0
 
 
-def kept_turns(sample: Mapping[str, Any], min_ratings: Mapping[str, Optional[int]]) -> list[tuple[str, str]]:
-    """The (user, assistant) turns of a sample whose ratings all reach their minimum.
+def _usable(turn: Any, answered: bool = True) -> bool:
+    """A turn trains the model: a dict with a ``user`` text (may be empty: a caption prompt) and an answer
+    (a non-empty text). A question to answer (``answered=False``) needs no answer."""
+    if not isinstance(turn, Mapping) or not isinstance(turn.get("user"), str):
+        return False
+    assistant = turn.get("assistant")
+    return not answered or isinstance(assistant, str) and bool(assistant.strip())
 
-    A sample without a rating column, or a turn without a rating in it (shorter list, None), is unrated
+
+def kept_turns(
+    sample: Mapping[str, Any], min_ratings: Mapping[str, Optional[int]], answered: bool = True
+) -> list[tuple[str, str]]:
+    """The (user, assistant) turns of a sample that are usable and whose ratings all reach their minimum.
+
+    A usable turn is a {"user": str, "assistant": non-empty str} dict (``turn_problem`` says what is wrong
+    with a sample that has none); with ``answered=False`` (prompts) the answer may be missing. A sample
+    without a rating column, or a turn without a rating in it (shorter list, None, not a number), is unrated
     there and kept: only a rating known to be low drops a turn.
     """
-    turns = sample.get("texts") or []
-    keep = [True] * len(turns)
+    turns = sample.get("texts")
+    if not isinstance(turns, (list, tuple)):
+        return []
+    keep = [_usable(t, answered) for t in turns]
     for column, minimum in min_ratings.items():
         ratings = sample.get(column)
-        if minimum is None or not ratings:
+        if minimum is None or not isinstance(ratings, (list, tuple)):
             continue
         for k, rating in enumerate(ratings[: len(turns)]):
-            if rating is not None and rating < minimum:
+            if isinstance(rating, (int, float)) and rating < minimum:
                 keep[k] = False
-    return [(str(t.get("user") or ""), str(t.get("assistant") or "")) for t, ok in zip(turns, keep) if ok]
+    return [(t["user"], t.get("assistant") or "") for t, ok in zip(turns, keep) if ok]
+
+
+def turn_problem(texts: Any) -> Optional[str]:
+    """Why a sample's ``texts`` holds no usable turn, naming the first bad turn and key; None if one is usable."""
+    if not isinstance(texts, (list, tuple)):
+        return f"texts is {_kind(texts)}, not a list of {{user, assistant}} turns"
+    if not texts:
+        return "texts is an empty list"
+    if any(_usable(t) for t in texts):
+        return None
+    turn = texts[0]
+    if not isinstance(turn, Mapping):
+        return f"texts[0] is {_kind(turn)}, not a {{user, assistant}} dict"
+    if "user" not in turn or "assistant" not in turn:
+        return f"texts[0] has the keys {sorted(turn)}; a turn needs 'user' and 'assistant'"
+    if not isinstance(turn["user"], str):
+        return f"texts[0].user is {_kind(turn['user'])}, not a text"
+    return f"texts[0].assistant is {_kind(turn['assistant'])}, not a non-empty text"
+
+
+def _kind(value: Any) -> str:
+    if value is None or value == "":
+        return repr(value)
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    return f"a {type(value).__name__}"
 
 
 class VQAEncoder:
@@ -137,9 +180,9 @@ class VQAEncoder:
         image_labels: bool = False,
     ) -> None:
         if chat_template not in ("chatml", "tokenizer"):
-            raise ValueError(f"data.chat_template must be 'chatml' or 'tokenizer', got {chat_template!r}.")
+            raise ConfigError(f"data.chat_template must be 'chatml' or 'tokenizer', got {chat_template!r}.")
         if chat_template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise ConfigError(
                 "data.chat_template=tokenizer, but this tokenizer has no chat template; use data.chat_template="
                 "chatml or a tokenizer folder whose tokenizer_config.json defines one."
             )
@@ -148,7 +191,7 @@ class VQAEncoder:
         min_ratings = dict(DEFAULT_MIN_RATINGS if min_ratings is None else min_ratings)
         unknown = sorted(set(min_ratings) - set(RATING_COLUMNS))
         if unknown:
-            raise ValueError(f"unknown rating columns {unknown} in data.min_ratings; valid: {list(RATING_COLUMNS)}.")
+            raise ConfigError(f"unknown rating columns {unknown} in data.min_ratings; valid: {list(RATING_COLUMNS)}.")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token_length = image_token_length
@@ -233,16 +276,17 @@ class VQAEncoder:
 
     # --- samples --------------------------------------------------------------------------------------
 
-    def turns(self, sample: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return kept_turns(sample, self.min_ratings)
+    def turns(self, sample: Mapping[str, Any], answered: bool = True) -> list[tuple[str, str]]:
+        return kept_turns(sample, self.min_ratings, answered)
 
     def _grids(self, sample: Mapping[str, Any]) -> list[tuple[int, int]]:
         # PIL reads the size from the header: no pixels are decoded here.
-        return [self.image_processor.grid(*as_pil(im).size) for im in sample.get("images") or []]
+        return [self.image_processor.grid(*as_pil(im).size) for im in images_of(sample)]
 
     def encode(self, sample: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-        """``{input_ids (L,), labels (L,), pixel_values (V, 3, tile, tile), num_images}``; None if every turn
-        was filtered out. V counts the tiles of all images, in the order their tokens appear."""
+        """``{input_ids (L,), labels (L,), pixel_values (V, 3, tile, tile), num_images}``; None if no turn is
+        usable or every turn was filtered out. V counts the tiles of all images, in the order their tokens
+        appear. Raises UnreadableImage for an image that cannot be decoded."""
         turns = self.turns(sample)
         if not turns:
             return None
@@ -257,17 +301,22 @@ class VQAEncoder:
 
     def measure(self, samples: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, images) per sample, as ``encode`` would give them, without processing pixels; a sample
-        that ``encode`` skips has 0 tokens. Tokenises the batch in one call (the Rust tokenizer's threads)."""
+        that ``encode`` gives None has 0 tokens, one with an image whose header cannot be read UNREADABLE.
+        Tokenises the batch in one call (the Rust tokenizer's threads)."""
         texts, where = [], []
         images = np.zeros(len(samples), dtype=np.int64)
+        tokens = np.zeros(len(samples), dtype=np.int64)
         for i, sample in enumerate(samples):
             turns = self.turns(sample)
             if turns:
-                grids = self._grids(sample)
+                try:
+                    grids = self._grids(sample)
+                except UnreadableImage:
+                    tokens[i] = UNREADABLE
+                    continue
                 texts.append(self._render(self._messages(turns, grids))[0])
                 where.append(i)
                 images[i] = len(grids)
-        tokens = np.zeros(len(samples), dtype=np.int64)
         if texts:
             ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
             tokens[where] = [len(x) for x in ids]
@@ -275,8 +324,9 @@ class VQAEncoder:
 
     def encode_prompt(self, sample: Mapping[str, Any]) -> Optional[dict[str, Any]]:
         """The first kept turn as a generation prompt: ``{input_ids (up to and including the assistant
-        header), pixel_values, num_images, answer (the reference text), qtype (or None)}``."""
-        turns = self.turns(sample)
+        header), pixel_values, num_images, answer (the reference text), qtype (or None)}``. The turn needs
+        no answer."""
+        turns = self.turns(sample, answered=False)
         if not turns:
             return None
         pixel_values, grids = self._images(sample)
@@ -297,7 +347,7 @@ class VQAEncoder:
     def _images(self, sample: Mapping[str, Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """All tiles of the sample's images, in token order, and each image's grid."""
         tiles, grids = [], []
-        for image in sample.get("images") or []:
+        for image in load_images(images_of(sample)):
             views, grid = self.image_processor(image)
             tiles.append(views)
             grids.append(grid)
@@ -308,7 +358,7 @@ class VQAEncoder:
         """A hash of everything that decides a sample's token count: a length cache's key."""
         tok = self.tokenizer
         settings = {
-            "version": 1,
+            "version": 2,  # 2: unusable turns are dropped, unreadable images measured as UNREADABLE
             "tokenizer": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(),
             "chat_template": self.chat_template,
             "template_text": tok.chat_template if self.chat_template == "tokenizer" else None,
