@@ -16,16 +16,23 @@ Map-style data: ``PackedOrder`` gives each stream position a *bin* -- a list of 
 as a pure function of (seed, position), like ``StreamOrder`` does for single items, so a run resumes exactly
 by its position in bins. ``PackedVQADataset[bin]`` encodes the bin into one row. Streaming data:
 ``StreamingPacker`` packs on the fly and resumes by skipping samples (see its docstring for what is exact).
+
+A sample with an image that cannot be decoded is skipped where it comes up, with a warning, and counted in
+its row's ``num_skipped``: one whose image header could not be read when it was measured rides along in a
+bin of its window without taking room, one that fails only when its pixels are decoded leaves its room
+empty. Whether a sample decodes is a property of the data, so the rows are the same on a resumed run and
+with any number of loader workers.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -33,6 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vistrain.data.sampler import StreamOrder, hash_ints, split_key
+from vistrain.data.vqa_images import UnreadableImage
 
 IGNORE_INDEX = -100
 _BINS_TAG = 0x42494E53  # "BINS": the per-window bin shuffle, independent of StreamOrder's permutations
@@ -72,11 +80,12 @@ def first_fit_decreasing(
 class PackedOrder:
     """Stream position -> bin of ``(sample_index, sample_seed)`` keys, a pure function of (seed, position).
 
-    The samples that fit a row (1..seq_length tokens, at most max_images_per_pack images) are visited in a
-    ``StreamOrder``; each epoch of it is cut into equal windows of at most ``window`` samples, so a window
-    never straddles an epoch and holds each sample at most once. Each window is packed by first-fit
-    decreasing and its bins shuffled with a generator seeded by (seed, window); bins are numbered through
-    the windows in order.
+    The samples that fit a row (1..seq_length tokens, at most max_images_per_pack images) and those known to
+    be unreadable are visited in a ``StreamOrder``; each epoch of it is cut into equal windows of at most
+    ``window`` samples, so a window never straddles an epoch and holds each sample at most once. Each window
+    is packed by first-fit decreasing and its bins shuffled with a generator seeded by (seed, window); its
+    unreadable samples then ride along in its bins (``_ride_along``), to be skipped and counted when encoded.
+    Bins are numbered through the windows in order.
 
     Finding bin p needs the bin counts of every window before it: they are memoised, and a resumed run
     recomputes them from the cached lengths: about 20 ms per window of 4096 samples on one CPU core, so
@@ -85,7 +94,7 @@ class PackedOrder:
 
     Args:
         lengths, num_images: tokens and images per sample of the data set (``sample_lengths``); 0 tokens
-            marks a sample the encoder skips.
+            marks a sample the encoder skips, a negative count (UNREADABLE) one with an unreadable image.
         seq_length: tokens per row. Longer samples are dropped and counted (``num_too_long``).
         max_images_per_pack: images per row. Samples with more are dropped and counted.
         window: samples per packing window (capped at the number of samples that fit).
@@ -112,19 +121,22 @@ class PackedOrder:
                 f"data.max_images_per_pack ({max_images_per_pack}) >= 0."
             )
         self.seq_length, self.max_images_per_pack, self.seed = seq_length, max_images_per_pack, seed
+        unreadable = lengths_N < 0
         nonempty = lengths_N > 0
         short = nonempty & (lengths_N <= seq_length)
         fits = short & (images_N <= max_images_per_pack)
-        self.num_empty = int((~nonempty).sum())
+        self.num_unreadable = int(unreadable.sum())
+        self.num_empty = int((lengths_N == 0).sum())
         self.num_too_long = int((nonempty & ~short).sum())
         self.num_too_many_images = int((short & ~fits).sum())
         dropped = (
             f"{self.num_too_long} of {len(lengths_N)} samples are longer than data.seq_length={seq_length}, "
             f"{self.num_too_many_images} have more than data.max_images_per_pack={max_images_per_pack} images, "
-            f"{self.num_empty} have no turn left after the rating filters"
+            f"{self.num_empty} have no usable turn (none, or all below data.min_ratings), "
+            f"{self.num_unreadable} have an image that cannot be read"
         )
-        self._index_n = np.flatnonzero(fits)
-        if len(self._index_n) == 0:
+        self._index_n = np.flatnonzero(fits | unreadable)
+        if not fits.any():
             raise ValueError(f"no sample fits a packed row: {dropped}.")
         if self.num_too_long or self.num_too_many_images:
             warnings.warn(f"packing drops samples: {dropped}.", stacklevel=2)
@@ -151,14 +163,17 @@ class PackedOrder:
         epoch, chunk = divmod(w, self.windows_per_epoch)
         first, end = self._window_bounds(chunk)
         keys = self._order.keys(epoch * self.num_samples + first, end - first)
-        index_n = self._index_n[[k for k, _ in keys]]
+        keys = [(int(self._index_n[k]), seed) for k, seed in keys]
+        readable = [key for key in keys if self._lengths_N[key[0]] >= 0]
+        readable_n = np.asarray([index for index, _ in readable], dtype=np.int64)
         packed = first_fit_decreasing(
-            self._lengths_N[index_n], self._images_N[index_n], self.seq_length, self.max_images_per_pack
+            self._lengths_N[readable_n], self._images_N[readable_n], self.seq_length, self.max_images_per_pack
         )
-        bins = [[(int(index_n[i]), keys[i][1]) for i in b] for b in packed]
+        bins = [[readable[i] for i in b] for b in packed]
         if self.shuffle:  # FFD puts the big samples first: mix long and short rows through the window
             g = torch.Generator().manual_seed(hash_ints(_BINS_TAG, *self._bin_tag, w) >> 1)
             bins = [bins[i] for i in torch.randperm(len(bins), generator=g).tolist()]
+        bins = _ride_along(bins, [key for key in keys if self._lengths_N[key[0]] < 0])
         self._windows[w] = bins
         if len(self._windows) > _KEPT_WINDOWS:
             self._windows.popitem(last=False)
@@ -180,10 +195,26 @@ class PackedOrder:
         return out
 
 
-def pack_row(samples: Sequence[Mapping[str, Any]], seq_length: int, pad_id: int) -> dict[str, Any]:
-    """Encoded samples (``VQAEncoder.encode`` outputs) -> one packed row of ``seq_length`` tokens."""
-    if not samples:
-        raise ValueError("pack_row needs at least one sample")
+def _ride_along(bins: list[list[Any]], unreadable: list[Any]) -> list[list[Any]]:
+    """Samples known to be unreadable, added to the bins in turn (a bin of their own if there is none): they
+    take no room, and are tried, skipped and counted where they come up, as a bad file of an image folder is.
+    """
+    if unreadable and not bins:
+        return [list(unreadable)]
+    for k, key in enumerate(unreadable):
+        bins[k % len(bins)].append(key)
+    return bins
+
+
+def pack_row(
+    samples: Sequence[Mapping[str, Any]], seq_length: int, pad_id: int, tile_size: Optional[int] = None
+) -> dict[str, Any]:
+    """Encoded samples (``VQAEncoder.encode`` outputs) -> one packed row of ``seq_length`` tokens.
+
+    No samples (every one of a bin skipped) gives a row of padding, whose empty ``pixel_values`` need the
+    ``tile_size``."""
+    if not samples and tile_size is None:
+        raise ValueError("pack_row needs at least one sample, or the tile size for a row of padding")
     total = sum(len(s["input_ids"]) for s in samples)
     if total > seq_length:
         raise ValueError(
@@ -191,6 +222,8 @@ def pack_row(samples: Sequence[Mapping[str, Any]], seq_length: int, pad_id: int)
             f"cached lengths disagree with the encoder (delete the length cache if the encoding changed)."
         )
     pad = seq_length - total
+    no_pixels = torch.zeros(0, 3, tile_size or 0, tile_size or 0)
+    pixel_values = torch.cat([s["pixel_values"] for s in samples]) if samples else no_pixels
     pieces = [(s["input_ids"], s["labels"]) for s in samples]
     if pad:
         pieces.append((torch.full((pad,), pad_id, dtype=torch.long), torch.full((pad,), IGNORE_INDEX)))
@@ -201,39 +234,64 @@ def pack_row(samples: Sequence[Mapping[str, Any]], seq_length: int, pad_id: int)
         "labels": labels,
         "doc_ids": torch.cat(docs),
         "position_ids": torch.cat([torch.arange(len(ids)) for ids, _ in pieces]),
-        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+        "pixel_values": pixel_values,
         "num_samples": len(samples),
         "num_images": sum(int(s["num_images"]) for s in samples),
         "num_tokens": total,
         "num_loss_tokens": int((labels != IGNORE_INDEX).sum()),
+        "num_skipped": 0,  # samples of the bin skipped for an unreadable image: the caller counts them
     }
 
 
 class PackedVQADataset(Dataset):
     """``dataset[bin]`` -> one packed row (``pack_row``); a bin is a list of (index, sample_seed) keys, as
-    ``PackedOrder.keys`` gives them (a plain index packs that sample alone)."""
+    ``PackedOrder.keys`` gives them (a plain index packs that sample alone). A sample whose image cannot be
+    decoded (UnreadableImage from VQARows or the encoder) is skipped with a warning naming it, and counted in
+    the row's ``num_skipped``."""
 
     def __init__(self, base_dataset: Any, encoder: Any, seq_length: int, pad_id: int) -> None:
         self.base, self.encoder = base_dataset, encoder
         self.seq_length, self.pad_id = seq_length, pad_id
 
+    def _encode(self, index: int) -> dict[str, Any]:
+        row = self.base[index]  # VQARows decodes the images, and its UnreadableImage names source and row
+        try:
+            sample = self.encoder.encode(row)
+        except UnreadableImage as e:
+            raise UnreadableImage(f"row {index}: {e}") from None
+        if sample is None:
+            raise ValueError(
+                f"sample {index} has no usable turn left after the rating filters, yet it was packed: the length "
+                f"cache does not match data.min_ratings (delete the cache)."
+            )
+        return sample
+
     def __getitem__(self, bin_keys: Any) -> dict[str, Any]:
         keys = [bin_keys] if isinstance(bin_keys, int) else bin_keys
-        encoded = []
-        for key in keys:
-            index, _ = split_key(key)  # VQA has no random augmentation: the sample seed is unused
-            sample = self.encoder.encode(self.base[index])
-            if sample is None:
-                raise ValueError(
-                    f"sample {index} has no turn left after the rating filters, yet it was packed: the length "
-                    f"cache does not match data.min_ratings (delete the cache)."
-                )
-            encoded.append(sample)
-        return pack_row(encoded, self.seq_length, self.pad_id)
+        # VQA has no random augmentation: the sample seed is unused
+        encodes = [functools.partial(self._encode, index) for index, _ in map(split_key, keys)]
+        return _packed_readable(encodes, self.seq_length, self.pad_id, self.encoder.image_processor.tile_size)
+
+
+def _packed_readable(
+    encodes: Sequence[Callable[[], dict[str, Any]]], seq_length: int, pad_id: int, tile_size: int
+) -> dict[str, Any]:
+    """One row of the samples that ``encodes`` give; one whose UnreadableImage (naming the sample) is raised
+    is skipped with a warning and counted."""
+    encoded, skipped = [], 0
+    for encode in encodes:
+        try:
+            encoded.append(encode())
+        except UnreadableImage as e:
+            skipped += 1
+            warnings.warn(f"skipping a training sample: {e}", stacklevel=3)
+    row = pack_row(encoded, seq_length, pad_id, tile_size)
+    row["num_skipped"] = skipped
+    return row
 
 
 _ROW_TENSORS = ("input_ids", "labels", "doc_ids", "position_ids")
-_COUNTS = ("num_samples", "num_images", "num_tokens", "num_loss_tokens")
+_COUNTS = ("num_samples", "num_images", "num_tokens", "num_loss_tokens", "num_skipped")
 
 
 def collate_packed(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -294,7 +352,9 @@ class StreamingPacker:
     The stream is read in chunks of ``buffer_size`` samples. Each chunk is measured (no pixel work), its
     samples that fit are packed by first-fit decreasing, the bins are shuffled with a generator seeded by
     (seed, the chunk's first sample) and encoded into rows one by one. ``next()`` raises StopIteration once
-    the stream is exhausted and the last chunk's rows are out.
+    the stream is exhausted and the last chunk's rows are out. Samples whose image header cannot be read
+    ride along in the bins, and those and samples whose pixels cannot be decoded are skipped and counted in
+    their row's ``num_skipped``, with a warning naming their place in the stream.
 
     Resume: the state is ``{"samples": samples before the current chunk, "bins": rows of that chunk already
     returned}``. Loading it skips that many samples of a new iterator over the stream (``.skip()`` where the
@@ -325,7 +385,7 @@ class StreamingPacker:
         self.stream, self.encoder = stream, encoder
         self.seq_length, self.max_images_per_pack, self.pad_id = seq_length, max_images_per_pack, pad_id
         self.buffer_size, self.seed = buffer_size, seed
-        self.num_too_long = self.num_too_many_images = self.num_empty = 0
+        self.num_too_long = self.num_too_many_images = self.num_empty = self.num_unreadable = 0
         self._chunk_start, self._emitted = 0, 0
         self._samples: Optional[list[Mapping[str, Any]]] = None  # the current chunk
         self._bins: list[list[int]] = []
@@ -341,12 +401,18 @@ class StreamingPacker:
                 self._read_chunk()  # raises StopIteration at the end of the stream
             assert self._samples is not None
             if self._emitted < len(self._bins):
-                chunk = self._samples
-                encoded = [self.encoder.encode(chunk[i]) for i in self._bins[self._emitted]]
+                encodes = [functools.partial(self._encode, i) for i in self._bins[self._emitted]]
                 self._emitted += 1
-                return pack_row(encoded, self.seq_length, self.pad_id)
+                return _packed_readable(encodes, self.seq_length, self.pad_id, self.encoder.image_processor.tile_size)
             self._chunk_start += len(self._samples)
             self._samples, self._bins, self._emitted = None, [], 0
+
+    def _encode(self, i: int) -> dict[str, Any]:
+        assert self._samples is not None
+        try:
+            return self.encoder.encode(self._samples[i])
+        except UnreadableImage as e:
+            raise UnreadableImage(f"sample {self._chunk_start + i} of the stream: {e}") from None
 
     def _read_chunk(self) -> None:
         if self._exhausted:
@@ -360,14 +426,16 @@ class StreamingPacker:
         tokens_n, images_n = self.encoder.measure(samples)
         nonempty, short = tokens_n > 0, (tokens_n > 0) & (tokens_n <= self.seq_length)
         fits = short & (images_n <= self.max_images_per_pack)
-        self.num_empty += int((~nonempty).sum())
+        self.num_unreadable += int((tokens_n < 0).sum())
+        self.num_empty += int((tokens_n == 0).sum())
         self.num_too_long += int((nonempty & ~short).sum())
         self.num_too_many_images += int((short & ~fits).sum())
         keep_k = np.flatnonzero(fits)
         packed = first_fit_decreasing(tokens_n[keep_k], images_n[keep_k], self.seq_length, self.max_images_per_pack)
         bins = [[int(keep_k[i]) for i in b] for b in packed]
         g = torch.Generator().manual_seed(hash_ints(_BINS_TAG, self.seed, self._chunk_start) >> 1)
-        self._bins = [bins[i] for i in torch.randperm(len(bins), generator=g).tolist()]
+        bins = [bins[i] for i in torch.randperm(len(bins), generator=g).tolist()]
+        self._bins = _ride_along(bins, np.flatnonzero(tokens_n < 0).tolist())
         self._samples = samples
 
     @property
