@@ -232,7 +232,7 @@ class VLMTask(Task):
         m = self.cfg.model
         resumed = self.env.resume_from
         if resumed is not None and (Path(resumed) / TOKENIZER_DIR).is_dir():
-            return load_tokenizer(Path(resumed) / TOKENIZER_DIR)  # the run's own, exactly
+            return checkpoint_tokenizer(Path(resumed))  # the run's own, exactly
         if m.init:
             try:
                 return checkpoint_tokenizer(_model_folder(m.init, "model.init"))
