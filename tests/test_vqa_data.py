@@ -117,11 +117,12 @@ def test_sources_load_from_disk_and_parquet_and_report_failures(tmp_path, digits
         loaded = load_vqa_sources(sources, cache_dir=str(tmp_path / "hf"))
     assert loaded.loaded == ["saved", "dict", "rated", "rated_stream", "hub"] and list(loaded.failed) == ["broken"]
     assert loaded.sizes == {"saved": 6, "dict": 3, "rated": 4, "hub": 5}
-    ds = loaded.dataset
-    assert len(ds) == 18 and "source" not in ds.column_names  # only VQA columns are kept
-    assert ds[0]["qtype"] == "digit" and ds[0]["relevance_ratings"] is None  # missing columns are None
-    assert ds[12]["relevance_ratings"] == [4] and ds[12]["qtype"] is None
-    assert ds[12]["images"][0].size == (20, 20)
+    rows = loaded.rows
+    assert len(rows) == 18 and "source" not in rows[12]  # only VQA columns are kept
+    assert rows[0]["qtype"] == "digit" and rows[0]["relevance_ratings"] is None  # missing columns are None
+    assert rows[12]["relevance_ratings"] == [4] and rows[12]["qtype"] is None
+    assert rows[12]["images"][0].size == (20, 20) and rows.where(12) == "source 'rated', row 3"
+    assert rows.where(17) == "source 'hub', row 4" and rows.select(range(7, 10)).where(0) == "source 'dict', row 1"
     assert [r["texts"][0]["assistant"] for r in loaded.stream] == ["a"] * 4
 
     bad = [VQASource("nope", str(tmp_path / "nope")), VQASource("wrong_split", str(tmp_path / "dict"), split="val")]

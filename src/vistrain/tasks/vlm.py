@@ -31,8 +31,10 @@ from vistrain.data.vqa import (
     ImageProcessor,
     PackedOrder,
     PackedVQADataset,
+    ReadableRows,
     StreamingPacker,
     VQAEncoder,
+    VQARows,
     VQASource,
     add_vqa_special_tokens,
     collate_packed,
@@ -213,20 +215,24 @@ class VLMTask(Task):
                               "folders or parquet files of the_cauldron-shaped subsets)")
         try:
             train = load_vqa_sources(d.sources, d.cache_dir)
-            val = load_vqa_sources(d.val_sources, d.cache_dir).dataset if d.val_sources else None
+            val = load_vqa_sources(d.val_sources, d.cache_dir, key="data.val_sources") if d.val_sources else None
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if train.dataset is None:  # streaming: the first val_size samples are the val set, unless given
-            if val is None:
-                val = list(train.stream.take(d.val_size))
-                return train.stream.skip(d.val_size), val
-            return train.stream, val
+        if train.rows is not None and train.stream is not None:
+            raise ConfigError("data.sources mixes streaming and map-style sources, and a run trains on one kind: "
+                              "give every source the same streaming setting")
+        # validation reads past a row it cannot use (ReadableRows): a bad val image never stops a run
         if val is not None:
-            return train.dataset, val
-        n = len(train.dataset)
+            val_rows = val.rows if val.rows is not None else VQARows.of(list(val.stream.take(d.val_size)),
+                                                                          "streamed data.val_sources")
+            return train.rows if train.rows is not None else train.stream, ReadableRows(val_rows)
+        if train.rows is None:  # streaming: the first val_size samples are the val set
+            first = VQARows.of(list(train.stream.take(d.val_size)), "streamed data.sources")
+            return train.stream.skip(d.val_size), ReadableRows(first)
+        n = len(train.rows)
         if n <= d.val_size:
             raise ConfigError(f"data.sources hold {n} samples; data.val_size={d.val_size} would leave none to train on")
-        return train.dataset.select(range(d.val_size, n)), train.dataset.select(range(d.val_size))
+        return train.rows.select(range(d.val_size, n)), ReadableRows(train.rows.select(range(d.val_size)))
 
     def _tokenizer(self) -> Any:
         m = self.cfg.model
@@ -278,6 +284,8 @@ class VLMTask(Task):
         B, T = input_ids.shape
         metrics = {"loss": loss_sum.detach(),
                    "images_per_sample": (batch["num_images"], batch["num_samples"]),
+                   # samples skipped for an image that cannot be decoded, per sample met (each is warned about)
+                   "unreadable_frac": (batch["num_skipped"], batch["num_samples"] + batch["num_skipped"]),
                    "packing_efficiency": (batch["num_tokens"], B * T)}
         return PhaseLoss(loss_sum, count=count, metrics=metrics, samples=batch["num_samples"],
                          tokens=batch["num_tokens"])
