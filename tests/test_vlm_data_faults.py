@@ -213,7 +213,8 @@ def test_image_paths_are_read_from_the_source_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "source" / "img")  # not where the paths are relative to
     loaded = load_vqa_sources([VQASource("paths", str(source / "train.parquet")),
                                VQASource("embedded", str(tmp_path / "embedded")),
-                               VQASource("stream", str(source / "train.parquet"), streaming=True)])
+                               VQASource("stream", str(source / "train.parquet"), streaming=True)],
+                              cache_dir=str(tmp_path / "hf"))
     expected = digits_vqa("val", 16)[7]["images"][0]
     assert np.array_equal(np.asarray(loaded.rows[7]["images"][0]), np.asarray(expected))
     assert loaded.rows.where(21) == "source 'embedded', row 1"  # sources of different image kinds, side by side
@@ -228,9 +229,10 @@ def test_image_paths_are_read_from_the_source_folder(tmp_path, monkeypatch):
 def test_a_split_is_refused_where_there_are_no_splits(tmp_path, make, needle):
     path = make(digit_rows(4), tmp_path / "plain")
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no VQA source could be loaded") as error:
-        load_vqa_sources([VQASource("plain", path, split="test")])
+        load_vqa_sources([VQASource("plain", path, split="test")], cache_dir=str(tmp_path / "hf"))
     assert needle.format(path) in str(error.value)
-    assert len(load_vqa_sources([VQASource("plain", path)]).rows) == 4  # the default split is the whole of it
+    whole = load_vqa_sources([VQASource("plain", path)], cache_dir=str(tmp_path / "hf")).rows
+    assert len(whole) == 4  # the default split is the whole of it
 
 
 # --- from the command line ---------------------------------------------------------------------------------
