@@ -114,6 +114,7 @@ def test_eval_refuses_the_digits_judge_for_a_model_of_other_data(runs, capsys):
 # ------------------------------------------------------------------------------ 5: configs beyond reason
 
 
+@pytest.mark.timeout(60)  # a regression would expand the bomb until memory runs out: stop it long before that
 def test_a_yaml_alias_bomb_or_a_section_holding_itself_is_refused(runs, tmp_path, capsys):
     bomb = tmp_path / "bomb.yaml"
     lines, previous = ["task: toy_task", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"], "a0"
