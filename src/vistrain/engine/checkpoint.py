@@ -10,6 +10,7 @@ Layout (a contract shared with the CLI and the docs, see README "Output folder")
         train_state/        under FSDP: the optimizers' sharded state, one file per rank (torch DCP)
         checksums.json      sha256 of every file above: a bit flip is caught before anything is loaded
         metrics.json        optional: the metrics known when the checkpoint was written
+        provenance.json     what made it: code and commit, command, machines, config (vistrain/provenance.py)
       latest                text file: "step_00001000"
       best                  text file: name of the best folder by the task's metric
 
@@ -46,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from vistrain import provenance
 from vistrain.durable import TEMP_PREFIX, fsync_path, write_atomic
 
 MODEL_FILE = "model.safetensors"
@@ -295,10 +297,13 @@ def _write_checksums(folder: Path) -> None:
 
 
 def write_model_folder(folder: Path, weights: dict[str, Tensor], model_config: dict,
-                       assets: Optional[dict[str, bytes]] = None) -> Path:
+                       assets: Optional[dict[str, bytes]] = None, provenance_record: Optional[dict] = None) -> Path:
     """A model folder for users and `vistrain sample` (imported or exported weights): model.safetensors,
-    config.json and checksums.json, appearing only when complete. Refuses a folder that is not empty."""
+    config.json, provenance.json (`provenance_record`, see vistrain/provenance.py) and checksums.json, appearing
+    only when complete. Refuses a folder that is not empty."""
     folder = Path(folder)
+    if provenance_record is not None:
+        assets = {**(assets or {}), provenance.FILE: provenance.to_bytes(provenance_record)}
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise CheckpointError(f"{folder} already exists and is not an empty folder; choose a new --out")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -577,8 +582,9 @@ def _require_dir(path: Path) -> Path:
     return path
 
 
-def _damaged_files(ckpt: Path, only: Optional[tuple[str, ...]] = None) -> list[tuple[str, str]]:
-    """(file, what is wrong) for the files of `ckpt` that differ from checksums.json (all, or those in `only`)."""
+def damaged_files(ckpt: Path, only: Optional[tuple[str, ...]] = None) -> list[tuple[str, str]]:
+    """(file, what is wrong) for the files of `ckpt` that differ from checksums.json (all, or those in `only`);
+    empty when all match."""
     listing = ckpt / CHECKSUMS_FILE
     try:
         sums = json.loads(listing.read_text(encoding="utf-8"))
@@ -602,7 +608,7 @@ def _damaged_files(ckpt: Path, only: Optional[tuple[str, ...]] = None) -> list[t
 def newest_intact_checkpoint(root: Path, skip: Path) -> Optional[Path]:
     """The newest step folder under `root` other than `skip` whose files all match their checksums."""
     for ckpt in reversed(_step_dirs(Path(root))):
-        if ckpt.name != Path(skip).name and not _damaged_files(ckpt):
+        if ckpt.name != Path(skip).name and not damaged_files(ckpt):
             return ckpt
     return None
 
@@ -616,7 +622,7 @@ def verify_checkpoint(ckpt: Path, only: Optional[tuple[str, ...]] = None) -> Non
     ckpt = _require_dir(Path(ckpt))
     if not (ckpt / CHECKSUMS_FILE).exists() and not (ckpt / TRAIN_STATE_FILE).exists():
         return
-    damaged = _damaged_files(ckpt, only)
+    damaged = damaged_files(ckpt, only)
     if not damaged:
         return
     rel, what = damaged[0]

@@ -24,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from vistrain import provenance
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine import config as engine_config
 from vistrain.engine.checkpointer import Checkpointer, verify_on_main_rank
@@ -121,6 +122,8 @@ class Trainer:
         # the metric that picks `best`: eval.best when set, else the task's choice
         self.best = (ev.best, ev.best_mode) if ev is not None and ev.best else task.best_metric
         self.eval_jobs = self._build_eval_jobs()
+        # every rank's device, for the provenance of the checkpoints (a collective: every rank takes part)
+        self._device_names = gather_objects(provenance.device_name(self.device), self.dist)
         self.parallel = Parallel(task.nets, task.trainable, cfg.train, self.dist)
         self.optimizers = {name: build_optimizer(task.nets[spec.net], spec.config)
                            for name, spec in task.optimizers.items()}
@@ -148,7 +151,7 @@ class Trainer:
         self.metrics = MetricAccumulator()
         self._schedule_values: dict[str, float] = {}
         self._loggers: Optional[LoggerGroup] = None  # built at the first log event: a failed start writes nothing
-        self._config_written = False
+        self._provenance: Optional[bytes] = None  # provenance.json, made with config.yaml at the first save
         self._stop_requested = False
         self._last_eval: Optional[tuple[int, dict]] = None
         self._drawn: dict[str, list[Any]] = {}
@@ -475,10 +478,14 @@ class Trainer:
             self.loggers.log_images(self.step, tag, grid)
 
     def save_checkpoint(self) -> Path:
-        if self.dist.is_main and not self._config_written:
+        if self.dist.is_main and self._provenance is None:
             # Only now: a run that never gets this far must not replace an earlier run's config.
-            write_text_atomic(self.out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
-            self._config_written = True
+            config = OmegaConf.structured(self.cfg)
+            write_text_atomic(self.out_dir / "config.yaml", OmegaConf.to_yaml(config))
+            best = {"name": self.best[0], "mode": self.best[1]} if self.best else None
+            self._provenance = provenance.to_bytes(provenance.collect(
+                "train", world_size=self.dist.world_size, devices=provenance.device_counts(self._device_names),
+                config=OmegaConf.to_container(config), best_metric=best))
         run_state = {
             "step": self.step,
             "seed": self.seed,
@@ -488,7 +495,7 @@ class Trainer:
             "nonfinite_streak": self.nonfinite_streak,
         }
         metrics = self._last_eval[1] if self._last_eval and self._last_eval[0] == self.step else None
-        assets = self.task.assets() if self.dist.is_main else None
+        assets = {**self.task.assets(), provenance.FILE: self._provenance} if self.dist.is_main else None
         return self.checkpointer.save(self.step, run_state, self.task.model_config(), metrics,
                                       best=self.best, assets=assets)
 
