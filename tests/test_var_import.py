@@ -82,7 +82,9 @@ def _ours(key: str) -> str:
 
 
 def test_import_reads_the_architecture_from_the_shapes(imported) -> None:
-    assert sorted(p.name for p in imported.iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in imported.iterdir()) == ["checksums.json", "config.json", "model.safetensors",
+                                                          "provenance.json"]
+    assert json.loads((imported / "provenance.json").read_text())["action"] == "import"
     config = json.loads((imported / "config.json").read_text())
     assert config["task"] == "var" and config["tokenizer"] is None
     model = config["model"]

@@ -25,6 +25,9 @@ USAGE_EXAMPLES = """examples:
   torchrun --nproc_per_node=8 -m vistrain eval runs/var_d16 --metrics fid,is,pr --ref imagenet_val/ --num-images 50000
   vistrain import var --vae vae_ch160v4096z32.pth --var var_d16.pth --out models/var_d16
   vistrain import nanovlm nanoVLM-460M --tokenizer SmolLM2-360M-Instruct --out models/nanovlm_460m
+  vistrain info runs/gan_digits
+  vistrain report runs/gan_digits --out report.html
+  vistrain runs runs
 """
 MAX_GRID_IMAGES = 4096  # a .png grid beyond this is unreadable and huge; .npz is for many images
 
@@ -107,8 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     imports.add_argument("--patch-nums", default=None,
                          help="comma-separated scale sizes, e.g. 1,2,3,4,5,6,8,10,13,16: needed only when the "
                               "transformer's shapes do not tell them (the released models' are known)")
+    info = sub.add_parser("info", help="what a checkpoint or model folder is: step, metrics, checksums, provenance")
+    info.add_argument("source", help="a checkpoint or model folder, or a run folder (its latest checkpoint)")
+    info.add_argument("--which", choices=("latest", "best"), default="latest",
+                      help="for a run folder: which checkpoint")
+    report = sub.add_parser("report", help="one self-contained HTML page of a run: curves, evals, samples, config")
+    report.add_argument("run", help="a run folder (its run.out_dir)")
+    report.add_argument("--out", default=None, help="the HTML file to write; default RUN/report.html")
+    runs = sub.add_parser("runs", help="list the runs under a folder: task, step, state, best, last eval, size")
+    runs.add_argument("folder", help="the folder to look in, e.g. runs")
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
+    if args.command == "info":
+        return run_info(parser.parse_args(argv))
+    if args.command == "report":
+        return run_report(parser.parse_args(argv))
+    if args.command == "runs":
+        return run_runs(parser.parse_args(argv))
     if args.command == "import":
         return run_import(parser.parse_args(argv))
     if args.command == "generate":
@@ -146,6 +164,7 @@ def run_import(args) -> int:
         return _fail("import var needs --vae and --var (the official files)", 2)
     from vistrain.engine.checkpoint import CheckpointError, write_model_folder
     from vistrain.interop.var_official import OfficialFormatError, import_official
+    from vistrain.provenance import collect
 
     patch_nums = None
     if args.patch_nums is not None:
@@ -156,7 +175,7 @@ def run_import(args) -> int:
     try:
         model_config, weights = import_official(args.vae, args.var, patch_nums)
         refuse_non_finite(weights, {"vae.": f"--vae {args.vae}", "var.": f"--var {args.var}"})
-        folder = write_model_folder(Path(args.out), weights, model_config)
+        folder = write_model_folder(Path(args.out), weights, model_config, provenance_record=collect("import"))
     except (ValueError, CheckpointError) as e:  # OfficialFormatError is a ValueError: a bad input file
         return _fail(str(e), 1 if isinstance(e, CheckpointError) else 2)
     depth = model_config["model"]["depth"]
@@ -168,6 +187,7 @@ def run_import(args) -> int:
 def run_import_vlm(args) -> int:
     from vistrain.engine.checkpoint import CheckpointError, write_model_folder
     from vistrain.errors import ConfigError
+    from vistrain.provenance import collect
     from vistrain.tasks.vlm import import_hf
 
     if not (args.vision and args.lm):
@@ -179,7 +199,7 @@ def run_import_vlm(args) -> int:
     try:
         model_config, weights, assets = import_hf(args.vision, args.lm, args.pixel_shuffle_factor)
         refuse_non_finite(weights, {"vlm.vision.": f"--vision {args.vision}", "vlm.lm.": f"--lm {args.lm}"})
-        folder = write_model_folder(Path(args.out), weights, model_config, assets)
+        folder = write_model_folder(Path(args.out), weights, model_config, assets, provenance_record=collect("import"))
     except (ConfigError, ValueError) as e:
         return _fail(str(e), 2)
     except CheckpointError as e:
@@ -191,6 +211,7 @@ def run_import_vlm(args) -> int:
 def run_import_nanovlm(args) -> int:
     from vistrain.engine.checkpoint import CheckpointError, write_model_folder
     from vistrain.interop.nanovlm import NanoVLMFormatError
+    from vistrain.provenance import collect
     from vistrain.tasks.vlm import import_nanovlm
 
     if args.source and args.source_opt and args.source != args.source_opt:
@@ -201,7 +222,7 @@ def run_import_nanovlm(args) -> int:
     try:
         model_config, weights, assets = import_nanovlm(source, args.tokenizer)
         refuse_non_finite(weights, {"": source})
-        folder = write_model_folder(Path(args.out), weights, model_config, assets)
+        folder = write_model_folder(Path(args.out), weights, model_config, assets, provenance_record=collect("import"))
     except (NanoVLMFormatError, ValueError) as e:
         return _fail(str(e), 2)
     except CheckpointError as e:
@@ -257,6 +278,7 @@ def run_generate(args) -> int:
 
 def run_export(args) -> int:
     """Copy a checkpoint's model files (weights, config, assets) into a release folder with a model card."""
+    from vistrain import provenance
     from vistrain.engine import checkpoint as ckpt_lib
     from vistrain.errors import ConfigError
     from vistrain.outpaths import check_output_folder
@@ -275,20 +297,26 @@ def run_export(args) -> int:
         ckpt_lib.verify_checkpoint(folder)
         model_config = ckpt_lib.load_model_config(folder)
         weights = ckpt_lib.load_weights(folder)
+        # the checkpoint's provenance.json goes inside the export's own, under "from"
         skip = {ckpt_lib.MODEL_FILE, ckpt_lib.CONFIG_FILE, ckpt_lib.TRAIN_STATE_FILE, ckpt_lib.CHECKSUMS_FILE,
-                ckpt_lib.METRICS_FILE}
+                ckpt_lib.METRICS_FILE, provenance.FILE}
         assets = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
                   if p.is_file() and p.relative_to(folder).parts[0] not in skip | {ckpt_lib.SHARDS_DIR}}
-        assets["README.md"] = model_card(folder, model_config, weights).encode()
-        out = ckpt_lib.write_model_folder(Path(args.out), weights, model_config, assets)
+        record = provenance.collect("export", **{"from": provenance.read(folder)})
+        assets["README.md"] = model_card(folder, model_config, weights, record).encode()
+        out = ckpt_lib.write_model_folder(Path(args.out), weights, model_config, assets, provenance_record=record)
     except ckpt_lib.CheckpointError as e:
         return _fail(str(e), 1)
     print(f"exported {folder} to {out}")
     return 0
 
 
-def model_card(folder: Path, model_config: dict, weights: dict) -> str:
+def model_card(folder: Path, model_config: dict, weights: dict, record: dict) -> str:
     import json
+
+    import yaml
+
+    from vistrain import provenance
 
     metrics_file = folder / "metrics.json"
     try:  # not checksummed (best and eval add to it), so read it with care: a card without metrics is still a card
@@ -308,12 +336,90 @@ def model_card(folder: Path, model_config: dict, weights: dict) -> str:
     else:
         lines += ["vistrain sample THIS_FOLDER --out samples.png", "```"]
     lines += ["", "## Files", "", "- `model.safetensors`: the weights; `config.json`: the architecture; "
-              "`checksums.json`: sha256 of every file", ""]
+              "`provenance.json`: the code, command and config that made it; `checksums.json`: sha256 of every file",
+              ""]
     if metrics:
         lines += ["## Metrics at export", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
     lines += ["", "## Config", "", "```json", json.dumps(model_config, indent=2, sort_keys=True), "```", ""]
+    lines += ["## Provenance", "", "```text", *provenance.describe(record), "```", ""]
+    trained = provenance.training_config(record)
+    if trained is not None:
+        lines += ["## Training config", "", "```yaml", yaml.safe_dump(trained, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def run_info(args) -> int:
+    """Print what a checkpoint or model folder is: its step, task, metrics, checksum status, provenance and the
+    config it was trained with. Exit 1 when it is not one, or when a file differs from its checksum."""
+    import json
+
+    import yaml
+
+    from vistrain import provenance
+    from vistrain.engine import checkpoint as ckpt_lib
+
+    try:
+        folder = ckpt_lib.find_checkpoint(Path(args.source), args.which)
+    except ckpt_lib.CheckpointError as e:
+        return _fail(_sample_message(e, args), 1)
+    if not (folder / ckpt_lib.CONFIG_FILE).is_file() and not (folder / ckpt_lib.MODEL_FILE).is_file():
+        return _fail(f"{folder} is not a checkpoint or model folder (it has no config.json or model.safetensors)", 1)
+    step = ckpt_lib.checkpoint_step(folder)
+    try:
+        task = json.loads((folder / ckpt_lib.CONFIG_FILE).read_text(encoding="utf-8")).get("task", "?")
+    except (OSError, ValueError, AttributeError):
+        task = "? (config.json is unreadable)"
+    try:
+        metrics = json.loads((folder / ckpt_lib.METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = {}
+    if (folder / ckpt_lib.CHECKSUMS_FILE).exists() or (folder / ckpt_lib.TRAIN_STATE_FILE).exists():
+        damaged = ckpt_lib.damaged_files(folder)
+        checksums = "; ".join(f"{name} {what}" for name, what in damaged) or "every file matches"
+    else:
+        damaged, checksums = [], "none recorded (not written by vistrain), nothing to check"
+    record = provenance.read(folder)
+    shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))) or "none"
+    lines = [str(folder), f"  {'checkpoint at step ' + str(step) if step is not None else 'model folder'}, "
+             f"task {task}", f"  metrics: {shown}", f"  checksums: {checksums}", "provenance:"]
+    lines += provenance.describe(record, "  ") if record else ["  none recorded (written before vistrain kept it)"]
+    trained = provenance.training_config(record) if record else None
+    if trained is not None:
+        lines += ["training config:", *("  " + line for line in yaml.safe_dump(trained, sort_keys=False).splitlines())]
+    print("\n".join(lines))
+    return 1 if damaged else 0
+
+
+def run_report(args) -> int:
+    """Write the HTML report of a run (see report.py)."""
+    from vistrain import report, runs
+    from vistrain.errors import ConfigError
+    from vistrain.outpaths import check_output_file
+
+    try:
+        run_folder = runs.check_run_folder(Path(args.run))
+        out = check_output_file(args.out or run_folder / "report.html", "--out", example="report.html")
+    except (runs.NotARun, ConfigError) as e:
+        return _fail(str(e), 2)
+    try:
+        size = report.write(runs.read_run(run_folder), out)
+    except OSError as e:
+        return _fail(f"--out {out}: the report could not be written ({e.strerror})", 1)
+    print(f"wrote {out} ({runs.human_bytes(size)}): open it in a browser")
+    return 0
+
+
+def run_runs(args) -> int:
+    """List the runs under a folder, one line each."""
+    from vistrain import runs
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        return _fail(f"{folder} is not a folder; give the folder that holds your runs, e.g. runs", 2)
+    rows = runs.table(folder)
+    print(runs.format_table(rows) if len(rows) > 1 else f"no runs under {folder}")
+    return 0
 
 
 def _fail(message: str, status: int, prefix: str = "") -> int:

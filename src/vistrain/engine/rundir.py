@@ -14,6 +14,8 @@ import fcntl
 import json
 import os
 import socket
+import struct
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,6 +23,7 @@ from typing import Optional
 from vistrain.durable import remove_stale_temps, write_atomic
 
 LOCK_FILE = ".lock"
+_FLOCK = "hhlli"  # Linux's struct flock, see _locking_pid
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")  # any of these: the folder holds a run
 # Folders that only the run holding the lock writes into: a writer killed there leaves a temporary file that the
 # next run removes. Not eval/: eval jobs, possibly on other machines, write their results there while a run starts.
@@ -89,6 +92,46 @@ class RunDir:
                 self.path.rmdir()
             except OSError:  # not empty: something was written after all; keep it
                 pass
+
+
+def lock_holder(out_dir: Path) -> Optional[dict]:
+    """The live run that holds `out_dir`'s lock: {"pid", "host", "started"} (what it wrote into the lock file, with
+    the kernel's pid), or None when no run holds it (none started, ended, or killed: the kernel dropped its lock).
+
+    Asks the kernel with F_GETLK, which takes no lock, so a run starting at that moment is never turned away."""
+    try:
+        fd = os.open(Path(out_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        pid = _locking_pid(fd)
+        if pid is None:
+            return None
+        try:
+            info = json.loads(os.read(fd, 4096).decode(errors="replace"))
+        except ValueError:  # the holder has locked the file and not yet written its name
+            info = {}
+        info = info if isinstance(info, dict) else {}
+        return {**info, "pid": pid or info.get("pid")}
+    finally:
+        os.close(fd)
+
+
+def _locking_pid(fd: int) -> Optional[int]:
+    """The pid of the process holding a record lock on the file (0 when the kernel cannot tell, as over NFS),
+    or None when none does."""
+    if sys.platform != "linux":  # struct flock's layout differs; the lock file's pid, if that process lives
+        try:
+            pid = int(json.loads(os.pread(fd, 4096, 0))["pid"])
+            os.kill(pid, 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return pid
+    # Linux's struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (off_t is a
+    # long); the buffer is padded, since the kernel writes sizeof(struct flock), which has trailing padding.
+    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0).ljust(64, b"\0")
+    l_type, _, _, _, pid = struct.unpack_from(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    return None if l_type == fcntl.F_UNLCK else pid
 
 
 def _same_file(fd: int, path: Path) -> bool:
