@@ -9,4 +9,9 @@ if ! .venv/bin/python -c "import lmms_eval.api.model" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q --no-deps "lmms-eval>=0.7.3"
   .venv/bin/python -m pip install -q pyyaml pytz loguru
 fi
+# The report's browser test renders a page in headless Chromium (Debian's package): installed here when missing and
+# apt-get can do it (as root, as on CI); elsewhere that test says it skips (CI=1 makes it fail instead).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 .venv/bin/python -m pytest -q "$@"
