@@ -110,6 +110,9 @@ def line_chart(title: str, points: list[tuple[int, float]], color: str) -> str:
     y_ticks = _log_ticks(y_lo, y_hi) if log else _nice_ticks(y_lo, y_hi)
     if log:  # whole decades at both ends, so that the axis labels say where the curve is
         y_lo, y_hi = min(y_lo, y_ticks[0]), max(y_hi, y_ticks[-1])
+    else:  # a little room above and below, so that no point sits on the frame
+        margin = (y_hi - y_lo) * 0.05
+        y_lo, y_hi = y_lo - margin, y_hi + margin
 
     def px(step: float) -> float:
         return LEFT + (step - x_lo) / (x_hi - x_lo) * (WIDTH - LEFT - RIGHT)
