@@ -374,6 +374,7 @@ def run_info(args) -> int:
         metrics = json.loads((folder / ckpt_lib.METRICS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         metrics = {}
+    metrics = metrics if isinstance(metrics, dict) else {}  # not checksummed: read it with care
     if (folder / ckpt_lib.CHECKSUMS_FILE).exists() or (folder / ckpt_lib.TRAIN_STATE_FILE).exists():
         damaged = ckpt_lib.damaged_files(folder)
         checksums = "; ".join(f"{name} {what}" for name, what in damaged) or "every file matches"
