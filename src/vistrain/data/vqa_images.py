@@ -23,6 +23,14 @@ global view (the token layout in vqa_text.py agrees).
   tile. Models imported from nanoVLM use it, with mean 0 and std 1: nanoVLM feeds [0, 1] pixels unnormalised.
 * ``"nanovlm_tiles"``: nanoVLM with ``resize_to_max_side_len`` false: the long side is rounded up to a whole
   number of tiles, at most ``max_image_size``; the rest as ``"nanovlm"``.
+* ``"smolvlm"``: what transformers' Idefics3ImageProcessor (SmolVLM's, `do_image_splitting` on) does: the long
+  side becomes exactly ``max_image_size`` (its `size["longest_edge"]`, up or down; the short side keeps the
+  aspect ratio, truncated, then made even), then each side is rounded UP to whole tiles (the short one from
+  the aspect ratio again), each a Lanczos resize of 8-bit pixels. The tiles are cut from that, row-major, and
+  the global view -- that image Lanczos-resized to one tile -- comes LAST; an image of one tile is that tile
+  alone. The pixel values are transformers' to the bit. ``max_image_size`` need not be a whole number of tiles
+  here.
+* ``"smolvlm_unsplit"``: the same with `do_image_splitting` off: the resized image squeezed to one tile.
 """
 
 from __future__ import annotations
@@ -38,8 +46,12 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 MAX_GRID_SIDE = 8  # the row/column special tokens go up to <row_8_col_8>
+SMOLVLM_MAX_GRID_SIDE = 6  # Idefics3's processor knows <row_1_col_1> .. <row_6_col_6>
+SMOLVLM_MAX_SIDE = 4096  # transformers' Idefics3 MAX_IMAGE_SIZE: no resized side is longer
 _BICUBIC = getattr(Image, "Resampling", Image).BICUBIC  # PIL's bicubic is antialiased when it shrinks
-RESIZE_MODES = ("vistrain", "nanovlm", "nanovlm_tiles")  # see the module docstring
+_LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # SmolVLM's resampling (its processor's resample=1)
+RESIZE_MODES = ("vistrain", "nanovlm", "nanovlm_tiles", "smolvlm", "smolvlm_unsplit")  # see the module docstring
+SMOLVLM_MODES = ("smolvlm", "smolvlm_unsplit")
 
 
 class UnreadableImage(ValueError):
@@ -134,16 +146,10 @@ class ImageProcessor:
             raise ValueError(f"image resize mode {resize!r}: expected one of {', '.join(RESIZE_MODES)}.")
         if tile_size < 1:
             raise ValueError(f"data.tile_size must be a positive number of pixels, got {tile_size}.")
-        if max_image_size < tile_size or max_image_size % tile_size:
-            raise ValueError(
-                f"data.max_image_size={max_image_size} must be a multiple of data.tile_size={tile_size} (and at "
-                f"least one tile): rounding sides to whole tiles must not push the long side past it."
-            )
-        if max_image_size // tile_size > MAX_GRID_SIDE:
-            raise ValueError(
-                f"data.max_image_size={max_image_size} allows {max_image_size // tile_size} tiles per side; the "
-                f"row/column tokens name at most {MAX_GRID_SIDE}. Lower it to {MAX_GRID_SIDE * tile_size} or less."
-            )
+        if resize in SMOLVLM_MODES:
+            _check_smolvlm_size(tile_size, max_image_size)
+        else:
+            _check_whole_tiles(tile_size, max_image_size)
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"image mean/std need 3 values each and std > 0, got mean={mean}, std={std}.")
         self.tile_size = tile_size
@@ -164,6 +170,8 @@ class ImageProcessor:
         """
         if width < 1 or height < 1:
             raise ValueError(f"image has an empty side: {width} x {height} pixels")
+        if self.resize in SMOLVLM_MODES:
+            return self._smolvlm_grid(width, height)
         if self.resize != "vistrain":
             new_w, new_h = self.nanovlm_size(width, height)
             return new_h // self.tile_size, new_w // self.tile_size
@@ -198,6 +206,8 @@ class ImageProcessor:
         return (x_3HW - self._mean_3) / self._std_3
 
     def __call__(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.resize in SMOLVLM_MODES:
+            return self._smolvlm(as_pil(image))
         if self.resize != "vistrain":
             return self._nanovlm(as_pil(image))
         image = to_rgb(as_pil(image))
@@ -225,3 +235,94 @@ class ImageProcessor:
             glob = F.interpolate(big_3HW[None], size=(t, t), mode="bilinear", align_corners=False, antialias=True)
             tiles = torch.cat([glob, tiles])
         return (tiles - self._mean_3) / self._std_3, (rows, cols)
+
+    # --- SmolVLM / Idefics3 (transformers' Idefics3ImageProcessor, its PIL path) ------------------------
+
+    def smolvlm_sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The two (width, height) an image is resized to: its long side to max_image_size, then whole tiles.
+
+        transformers' arithmetic in the same float operations: aspect = width / height; the short side is
+        int(long / aspect) (or int(long * aspect)), made even, at least 1, then both capped at 4096 px; for
+        the tiles the long side is rounded up and the short side is int(long / aspect) rounded up.
+        """
+        w, h = _long_side_to(width, height, self.max_image_size)
+        w, h = _capped(w, h, SMOLVLM_MAX_SIDE)
+        t, aspect = self.tile_size, w / h
+        if w >= h:
+            tiled_w = math.ceil(w / t) * t
+            tiled_h = math.ceil(int(tiled_w / aspect) / t) * t
+        else:
+            tiled_h = math.ceil(h / t) * t
+            tiled_w = math.ceil(int(tiled_h * aspect) / t) * t
+        return (w, h), (tiled_w, tiled_h)
+
+    def _smolvlm_grid(self, width: int, height: int) -> tuple[int, int]:
+        if self.resize == "smolvlm_unsplit":
+            return 1, 1
+        _, (tiled_w, tiled_h) = self.smolvlm_sizes(width, height)
+        return tiled_h // self.tile_size, tiled_w // self.tile_size
+
+    def _smolvlm(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        image = to_rgb(image)  # transformers composites transparency over white too
+        (w, h), (tiled_w, tiled_h) = self.smolvlm_sizes(*image.size)
+        t = self.tile_size
+        resized = image.resize((w, h), _LANCZOS)  # PIL returns a copy when the size is already right
+        if self.resize == "smolvlm_unsplit":
+            return self._rescaled([resized.resize((t, t), _LANCZOS)]), (1, 1)
+        tiled = resized.resize((tiled_w, tiled_h), _LANCZOS)
+        rows, cols = tiled_h // t, tiled_w // t
+        if rows * cols == 1:
+            return self._rescaled([tiled]), (1, 1)
+        # tiles row-major, then the global view: the order of their tokens in SmolVLM's prompt
+        views = [tiled.crop((j * t, i * t, (j + 1) * t, (i + 1) * t)) for i in range(rows) for j in range(cols)]
+        return self._rescaled(views + [tiled.resize((t, t), _LANCZOS)]), (rows, cols)
+
+    def _rescaled(self, views: list[Image.Image]) -> torch.Tensor:
+        # x / 255 in float32 is, for every 8-bit x, transformers' float64 x * (1/255) cast to float32: equal pixels
+        return torch.stack([self._normalise(v) for v in views])
+
+
+def _long_side_to(width: int, height: int, long: int) -> tuple[int, int]:
+    """(width, height) with the long side set to `long` (width on ties), the short side int(...) and made even."""
+    aspect = width / height
+    if width >= height:
+        width, height = long, int(long / aspect)
+        if height % 2:
+            height += 1
+    else:
+        width, height = int(long * aspect), long
+        if width % 2:
+            width += 1
+    return max(width, 1), max(height, 1)
+
+
+def _capped(width: int, height: int, cap: int) -> tuple[int, int]:
+    """(width, height) with a long side beyond `cap` brought down to it, keeping the aspect ratio (truncated)."""
+    aspect = width / height
+    if width >= height and width > cap:
+        width, height = cap, int(cap / aspect)
+    elif height > width and height > cap:
+        width, height = int(cap * aspect), cap
+    return max(width, 1), max(height, 1)
+
+
+def _check_whole_tiles(tile_size: int, max_image_size: int) -> None:
+    if max_image_size < tile_size or max_image_size % tile_size:
+        raise ValueError(
+            f"data.max_image_size={max_image_size} must be a multiple of data.tile_size={tile_size} (and at "
+            f"least one tile): rounding sides to whole tiles must not push the long side past it."
+        )
+    if max_image_size // tile_size > MAX_GRID_SIDE:
+        raise ValueError(
+            f"data.max_image_size={max_image_size} allows {max_image_size // tile_size} tiles per side; the "
+            f"row/column tokens name at most {MAX_GRID_SIDE}. Lower it to {MAX_GRID_SIDE * tile_size} or less."
+        )
+
+
+def _check_smolvlm_size(tile_size: int, max_image_size: int) -> None:
+    if max_image_size < 1 or math.ceil(max_image_size / tile_size) > SMOLVLM_MAX_GRID_SIDE:
+        raise ValueError(
+            f"data.max_image_size={max_image_size} gives {math.ceil(max_image_size / tile_size)} tiles of "
+            f"{tile_size} px per side; SmolVLM's row/column tokens name 1 to {SMOLVLM_MAX_GRID_SIDE}. Give at most "
+            f"{SMOLVLM_MAX_GRID_SIDE * tile_size}."
+        )

@@ -20,6 +20,22 @@ One code path builds the text and the character spans of the answers, tokenises 
 labels the tokens that overlap a span. With ``chat_template="tokenizer"`` the tokenizer's own chat template
 renders the text instead; an answer's span is then what rendering its turn added, without trailing
 whitespace (for ChatML-like templates: the answer and the end-of-turn token).
+
+The ``"smolvlm"`` layout (IMAGE_LAYOUTS) is SmolVLM's and Idefics3's, as transformers' Idefics3Processor
+writes it, so that such a model is trained and asked here as it was made:
+
+    <|im_start|>User:IMAGES question<end_of_utterance>\\nAssistant: answer<end_of_utterance>\\n
+                                                                   ^^^^^^^^^^^^^^^^^^^^^^^^^ loss
+
+rendered by the tokenizer's chat template with structured content (an ``{"type": "image"}`` item per image,
+then the text), each ``<image>`` it writes then replaced by that image's tokens:
+
+    <fake_token_around_image><row_1_col_1><image> x T ... <fake_token_around_image><row_1_col_C><image> x T \\n
+    ... one line per row of tiles ...
+    \\n<fake_token_around_image><global-img><image> x T<fake_token_around_image>      the global view, LAST
+
+or, for an image of one tile, ``<fake_token_around_image><global-img><image> x T<fake_token_around_image>``.
+Its tiles come in that order too (vqa_images.py, resize "smolvlm"), and ``<end_of_utterance>`` ends a turn.
 """
 
 from __future__ import annotations
@@ -32,11 +48,24 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vistrain.data.vqa_images import ImageProcessor, UnreadableImage, as_pil, images_of, load_images
+from vistrain.data.vqa_images import (
+    SMOLVLM_MAX_GRID_SIDE,
+    SMOLVLM_MODES,
+    ImageProcessor,
+    UnreadableImage,
+    as_pil,
+    images_of,
+    load_images,
+)
 from vistrain.errors import ConfigError
 
 IMAGE_TOKEN = "<|image|>"
 GLOBAL_IMAGE_TOKEN = "<|global_image|>"
+IMAGE_LAYOUTS = ("vistrain", "smolvlm")  # the module docstring shows both
+# SmolVLM / Idefics3 (transformers' Idefics3Processor): image token, the token around each image and tile, the
+# global view's tag, the end of a turn
+SMOLVLM_IMAGE_TOKEN, FAKE_IMAGE_TOKEN, SMOLVLM_GLOBAL_TOKEN = "<image>", "<fake_token_around_image>", "<global-img>"
+END_OF_UTTERANCE = "<end_of_utterance>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
 IGNORE_INDEX = -100  # label of tokens without loss (the value torch's cross_entropy ignores by default)
@@ -68,6 +97,35 @@ def vqa_special_tokens() -> list[str]:
     return [IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN] + [grid_token(i, j) for i in range(1, 9) for j in range(1, 9)]
 
 
+def smolvlm_special_tokens() -> list[str]:
+    """SmolVLM's 40 special tokens: the around-image token, image, end of utterance (Idefics3Processor adds these
+    three), the global image tag and the 6 x 6 row/column tokens it looks up."""
+    side = SMOLVLM_MAX_GRID_SIDE
+    return [FAKE_IMAGE_TOKEN, SMOLVLM_IMAGE_TOKEN, END_OF_UTTERANCE, SMOLVLM_GLOBAL_TOKEN] + [
+        grid_token(i, j) for i in range(1, side + 1) for j in range(1, side + 1)]
+
+
+# SmolVLM's chat format for a model trained here with the smolvlm layout (an imported model keeps its own
+# template): "<|im_start|>User:<image>question<end_of_utterance>\nAssistant: answer<end_of_utterance>\n", the
+# colon without a space before an image. Content is a list of {"type": "image"} and {"type": "text"} items.
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}"
+    "{% for part in message['content'] %}{{ part['text'] if part['type'] == 'text' else '<image>' }}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def layout_special_tokens(layout: str) -> list[str]:
+    """The image (and end-of-turn) tokens a tokenizer needs for an image layout."""
+    return smolvlm_special_tokens() if layout == "smolvlm" else vqa_special_tokens()
+
+
+def layout_eos_token(layout: str) -> str:
+    """The token that ends an answer in an image layout (with the chatml template for vistrain's)."""
+    return END_OF_UTTERANCE if layout == "smolvlm" else IM_END
+
+
 def image_token_length(tile_size: int, patch_size: int, pixel_shuffle_factor: int) -> int:
     """Tokens per tile: (tile / patch)^2 patches, merged pixel_shuffle_factor^2 at a time (64 for 512/16/4)."""
     if tile_size % patch_size:
@@ -88,9 +146,21 @@ def add_vqa_special_tokens(tokenizer: Any, chatml: bool = True) -> int:
     Special tokens are matched verbatim before any other splitting, are never merged with neighbours and
     are dropped by ``decode(..., skip_special_tokens=True)``.
     """
+    return _add_special_tokens(tokenizer, vqa_special_tokens() + ([IM_START, IM_END] if chatml else []))
+
+
+def add_layout_tokens(tokenizer: Any, layout: str) -> int:
+    """``add_vqa_special_tokens`` for an image layout: for "smolvlm", SmolVLM's tokens and SmolVLM's chat template
+    (this layout renders with the tokenizer's template). Returns how many tokens were new."""
+    if layout != "smolvlm":
+        return add_vqa_special_tokens(tokenizer)
+    tokenizer.chat_template = SMOLVLM_CHAT_TEMPLATE
+    return _add_special_tokens(tokenizer, smolvlm_special_tokens())
+
+
+def _add_special_tokens(tokenizer: Any, wanted: Sequence[str]) -> int:
     from tokenizers import AddedToken
 
-    wanted = vqa_special_tokens() + ([IM_START, IM_END] if chatml else [])
     vocab = tokenizer.get_vocab()
     new = [AddedToken(t, special=True, normalized=False) for t in wanted if t not in vocab]
     return tokenizer.add_tokens(new, special_tokens=True) if new else 0
@@ -168,6 +238,8 @@ class VQAEncoder:
         min_ratings: minimum rating per rating column (None or absent: no filter on that column); defaults
             to 1 on every column, which drops only turns rated 0.
         image_labels: ``<image: k>`` before each image of a multi-image sample, as nanoVLM writes them.
+        layout: "vistrain" or "smolvlm" (see the module docstring): SmolVLM's tokens and prompt, which need
+            chat_template="tokenizer" (SmolVLM's template) and an image processor of a smolvlm resize mode.
     """
 
     def __init__(
@@ -178,7 +250,9 @@ class VQAEncoder:
         chat_template: str = "chatml",
         min_ratings: Optional[Mapping[str, Optional[int]]] = None,
         image_labels: bool = False,
+        layout: str = "vistrain",
     ) -> None:
+        _check_layout(layout, chat_template, image_processor, image_labels)
         if chat_template not in ("chatml", "tokenizer"):
             raise ConfigError(f"data.chat_template must be 'chatml' or 'tokenizer', got {chat_template!r}.")
         if chat_template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
@@ -198,22 +272,24 @@ class VQAEncoder:
         self.chat_template = chat_template
         self.min_ratings = min_ratings
         self.image_labels = bool(image_labels)
-        needed = vqa_special_tokens() + ([IM_START, IM_END] if chat_template == "chatml" else [])
+        self.layout = layout
+        needed = layout_special_tokens(layout) + ([IM_START, IM_END] if chat_template == "chatml" else [])
         missing = [t for t in needed if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
         if missing:
+            add = ("vistrain.data.vqa.add_vqa_special_tokens(tokenizer)" if layout == "vistrain"
+                   else f"vistrain.data.vqa_text.add_layout_tokens(tokenizer, {layout!r})")
             raise ValueError(
                 f"the tokenizer splits {len(missing)} special token(s) ({', '.join(missing[:3])}, ...): call "
-                f"vistrain.data.vqa.add_vqa_special_tokens(tokenizer) first and resize the embeddings."
+                f"{add} first and resize the embeddings."
             )
-        self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-
-    @staticmethod
-    def special_tokens() -> list[str]:
-        return vqa_special_tokens()
+        image_token = SMOLVLM_IMAGE_TOKEN if layout == "smolvlm" else IMAGE_TOKEN
+        self.image_token_id = int(tokenizer.convert_tokens_to_ids(image_token))
 
     # --- text -----------------------------------------------------------------------------------------
 
     def image_string(self, rows: int, cols: int) -> str:
+        if self.layout == "smolvlm":
+            return self._smolvlm_image_string(rows, cols)
         run = IMAGE_TOKEN * self.image_token_length
         parts = [GLOBAL_IMAGE_TOKEN + run]
         if rows * cols > 1:  # a 1 x 1 grid is the global view alone (vqa_images.py says why)
@@ -226,7 +302,24 @@ class VQAEncoder:
         return "".join((f"<image: {k}>" if labelled else "") + self.image_string(r, c)
                        for k, (r, c) in enumerate(grids))
 
+    def _smolvlm_image_string(self, rows: int, cols: int) -> str:
+        """Idefics3Processor's tokens of one image: its tiles a line per row, then the global view."""
+        run = SMOLVLM_IMAGE_TOKEN * self.image_token_length
+        glob = FAKE_IMAGE_TOKEN + SMOLVLM_GLOBAL_TOKEN + run + FAKE_IMAGE_TOKEN
+        if rows * cols == 1:
+            return glob
+        lines = ["".join(FAKE_IMAGE_TOKEN + grid_token(i, j) + run for j in range(1, cols + 1)) + "\n"
+                 for i in range(1, rows + 1)]
+        return "".join(lines) + "\n" + glob
+
     def _messages(self, turns: Sequence[tuple[str, str]], grids: Sequence[tuple[int, int]]) -> list[dict]:
+        if self.layout == "smolvlm":  # structured content: the template writes <image> for each image item
+            images, text = [{"type": "image"}] * len(grids), lambda t: [{"type": "text", "text": t}]
+            messages = []
+            for k, (user, assistant) in enumerate(turns):
+                messages.append({"role": "user", "content": (images if k == 0 else []) + text(user)})
+                messages.append({"role": "assistant", "content": text(assistant)})
+            return messages
         images = self.images_string(grids)
         messages = []
         for k, (user, assistant) in enumerate(turns):
@@ -234,7 +327,24 @@ class VQAEncoder:
             messages.append({"role": "assistant", "content": assistant})
         return messages
 
-    def _render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    def _conversation(self, turns: Sequence[tuple[str, str]],
+                      grids: Sequence[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+        return self._render(self._messages(turns, grids), grids)
+
+    def _chat(self, messages: list[dict], prompt: bool, grids: Sequence[tuple[int, int]]) -> str:
+        """The tokenizer's chat template on messages; under the smolvlm layout each <image> it wrote is replaced by
+        that image's tokens, as Idefics3Processor does with the text it is given."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+        if self.layout != "smolvlm":
+            return text
+        parts = text.split(SMOLVLM_IMAGE_TOKEN)
+        if len(parts) != len(grids) + 1:
+            raise ValueError(f"the tokenizer's chat template wrote {len(parts) - 1} {SMOLVLM_IMAGE_TOKEN} for "
+                             f"{len(grids)} image(s): it is not a SmolVLM template (image items as "
+                             "{'type': 'image'})")
+        return parts[0] + "".join(self.image_string(*grid) + part for grid, part in zip(grids, parts[1:]))
+
+    def _render(self, messages: list[dict], grids: Sequence[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
         """The conversation's text and the character spans that carry loss."""
         if self.chat_template == "chatml":
             text, spans = "", []
@@ -246,11 +356,12 @@ class VQAEncoder:
                     spans.append((start, len(text)))
                 text += "\n"
             return text, spans
-        return self._render_with_tokenizer(messages)
+        return self._render_with_tokenizer(messages, grids)
 
-    def _render_with_tokenizer(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    def _render_with_tokenizer(self, messages: list[dict],
+                               grids: Sequence[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
         def render(msgs: list[dict], prompt: bool) -> str:
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+            return self._chat(msgs, prompt, grids)
 
         text = render(messages, False)
         spans = []
@@ -291,7 +402,7 @@ class VQAEncoder:
         if not turns:
             return None
         pixel_values, grids = self._images(sample)
-        ids, labels = self._tokenize(*self._render(self._messages(turns, grids)))
+        ids, labels = self._tokenize(*self._conversation(turns, grids))
         return {
             "input_ids": ids,
             "labels": labels,
@@ -314,7 +425,7 @@ class VQAEncoder:
                 except UnreadableImage:
                     tokens[i] = UNREADABLE
                     continue
-                texts.append(self._render(self._messages(turns, grids))[0])
+                texts.append(self._conversation(turns, grids)[0])
                 where.append(i)
                 images[i] = len(grids)
         if texts:
@@ -334,7 +445,7 @@ class VQAEncoder:
         if self.chat_template == "chatml":
             text = f"{IM_START}user\n{user[0]['content']}{IM_END}\n{IM_START}assistant\n"
         else:
-            text = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            text = self._chat(user, True, grids)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
@@ -373,7 +484,23 @@ class VQAEncoder:
             settings["image_resize"] = resize
         if self.image_labels:
             settings["image_labels"] = True
+        if self.layout != "vistrain":
+            settings["image_layout"] = self.layout
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_layout(layout: str, chat_template: str, image_processor: ImageProcessor, image_labels: bool) -> None:
+    """The smolvlm layout is SmolVLM's whole prompt: its template, its image processing, no nanoVLM labels."""
+    if layout not in IMAGE_LAYOUTS:
+        raise ConfigError(f"data.image_layout must be one of {', '.join(IMAGE_LAYOUTS)}, got {layout!r}.")
+    smolvlm_images = getattr(image_processor, "resize", "vistrain") in SMOLVLM_MODES
+    if layout == "smolvlm" and (chat_template != "tokenizer" or not smolvlm_images or image_labels):
+        raise ValueError("the smolvlm image layout renders with the tokenizer's (SmolVLM's) chat template and tiles "
+                         "images as SmolVLM does: give chat_template='tokenizer', an ImageProcessor of resize "
+                         f"{' or '.join(SMOLVLM_MODES)}, and no image labels")
+    if layout == "vistrain" and smolvlm_images:
+        raise ValueError("SmolVLM's image processing puts the global view last, which only the smolvlm image layout's "
+                         "tokens say: give layout='smolvlm'")
 
 
 def train_tokenizer(
