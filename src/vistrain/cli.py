@@ -89,15 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export", help="write a release folder: weights, config, assets, a model card")
     export.add_argument("source", help="a run folder (its latest or best checkpoint) or a checkpoint folder")
     export.add_argument("--out", required=True, help="a new folder")
+    export.add_argument("--format", choices=("vistrain", "transformers"), default="vistrain",
+                        help="transformers: an Idefics3 (SmolVLM) folder for AutoModelForImageTextToText and "
+                             "AutoProcessor, for a VLM of the smolvlm image layout")
     export.add_argument("--which", choices=("latest", "best"), default="best",
                         help="for a run folder: which checkpoint (best falls back to latest when there is none)")
     imports = sub.add_parser("import", help="turn another project's weights into a vistrain model folder")
-    imports.add_argument("kind", choices=("var", "vlm", "nanovlm"),
+    imports.add_argument("kind", choices=("var", "vlm", "nanovlm", "smolvlm"),
                          help="var: the official FoundationVision/VAR files; vlm: a SigLIP and a Llama folder; "
-                              "nanovlm: a folder written by huggingface/nanoVLM's save_pretrained")
+                              "nanovlm: a folder written by huggingface/nanoVLM's save_pretrained; smolvlm: a "
+                              "transformers SmolVLM / Idefics3 folder")
     imports.add_argument("source", nargs="?", default=None,
-                         help="nanovlm: the folder with nanoVLM's config.json and model.safetensors (or --source)")
-    imports.add_argument("--source", dest="source_opt", default=None, help="nanovlm: the same as SOURCE")
+                         help="nanovlm: the folder with nanoVLM's config.json and model.safetensors (or --source); "
+                              "smolvlm: the SmolVLM / Idefics3 folder")
+    imports.add_argument("--source", dest="source_opt", default=None, help="nanovlm, smolvlm: the same as SOURCE")
     imports.add_argument("--tokenizer", default=None,
                          help="nanovlm: a local folder of the tokenizer that config.json's lm_tokenizer names "
                               "(needed unless lm_tokenizer is itself a local folder)")
@@ -156,6 +161,8 @@ def run_import(args) -> int:
         return _fail(str(e), 2)
     if args.kind == "nanovlm":
         return run_import_nanovlm(args)
+    if args.kind == "smolvlm":
+        return run_import_smolvlm(args)
     if args.source or args.source_opt or args.tokenizer:
         return _fail(f"import {args.kind} takes no SOURCE, --source or --tokenizer (those are for nanovlm)", 2)
     if args.kind == "vlm":
@@ -234,6 +241,36 @@ def run_import_nanovlm(args) -> int:
     return 0
 
 
+def run_import_smolvlm(args) -> int:
+    from vistrain.engine.checkpoint import CheckpointError, write_model_folder
+    from vistrain.interop.smolvlm import import_smolvlm
+    from vistrain.provenance import collect
+    from vistrain.tasks.vlm import tokenizer_assets
+
+    if args.source and args.source_opt and args.source != args.source_opt:
+        return _fail(f"import smolvlm: two sources given ({args.source} and --source {args.source_opt})", 2)
+    source = args.source or args.source_opt
+    if not source or args.tokenizer:
+        return _fail("import smolvlm needs the SmolVLM / Idefics3 folder (SOURCE or --source), which holds its "
+                     "tokenizer too (--tokenizer is for nanovlm)", 2)
+    if not Path(source).is_dir():  # never a hub id: vistrain does not download
+        return _fail(f"{source} is not a folder: give a local SmolVLM / Idefics3 folder (download it first, e.g. "
+                     "`huggingface-cli download HuggingFaceTB/SmolVLM-256M-Instruct --local-dir <folder>`)", 2)
+    try:
+        model_config, weights, tokenizer = import_smolvlm(source)
+        refuse_non_finite(weights, {"": source})
+        folder = write_model_folder(Path(args.out), weights, model_config, tokenizer_assets(tokenizer),
+                                    provenance_record=collect("import"))
+    except ValueError as e:  # SmolVLMFormatError and the key maps' errors: a folder that is not what it should be
+        return _fail(str(e), 2)
+    except CheckpointError as e:
+        return _fail(str(e), 1)
+    print(f"imported {model_config['imported_from']['format']} from {source} into {folder} (SmolVLM's prompt and "
+          f"image tiling): answer with `vistrain generate {folder} --image x.png --prompt '...'`, fine-tune with "
+          f"model.init={folder}, export back with `vistrain export RUN --format transformers`")
+    return 0
+
+
 def refuse_non_finite(weights: dict, sources: dict[str, str]) -> None:
     """Imported weights that hold nan or inf would only fail later, deep in sampling or training: refuse them here,
     naming the tensor and the input it came from (`sources`: key prefix -> flag and file)."""
@@ -297,6 +334,8 @@ def run_export(args) -> int:
         ckpt_lib.verify_checkpoint(folder)
         model_config = ckpt_lib.load_model_config(folder)
         weights = ckpt_lib.load_weights(folder)
+        if args.format == "transformers":
+            return run_export_transformers(folder, model_config, weights, Path(args.out))
         # the checkpoint's provenance.json goes inside the export's own, under "from"
         skip = {ckpt_lib.MODEL_FILE, ckpt_lib.CONFIG_FILE, ckpt_lib.TRAIN_STATE_FILE, ckpt_lib.CHECKSUMS_FILE,
                 ckpt_lib.METRICS_FILE, provenance.FILE}
@@ -308,6 +347,27 @@ def run_export(args) -> int:
     except ckpt_lib.CheckpointError as e:
         return _fail(str(e), 1)
     print(f"exported {folder} to {out}")
+    return 0
+
+
+def run_export_transformers(folder: Path, model_config: dict, weights: dict, out: Path) -> int:
+    """`vistrain export --format transformers`: an Idefics3 folder that transformers loads (the smolvlm layout only);
+    a checkpoint error propagates to run_export."""
+    from vistrain import provenance
+    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.interop.smolvlm import to_transformers
+    from vistrain.tasks.vlm import checkpoint_tokenizer
+
+    record = provenance.collect("export", **{"from": provenance.read(folder)})
+    try:
+        tokenizer = checkpoint_tokenizer(folder) if model_config.get("task") == "vlm" else None
+        hf_config, hf_weights, files = to_transformers(model_config, weights, tokenizer, str(folder),
+                                                       provenance.describe(record))
+    except ValueError as e:  # SmolVLMFormatError: a model that transformers' classes cannot hold
+        return _fail(str(e), 2)
+    written = ckpt_lib.write_model_folder(out, hf_weights, hf_config, files, provenance_record=record)
+    print(f"exported {folder} to {written} (transformers' Idefics3: AutoModelForImageTextToText and AutoProcessor "
+          "load it)")
     return 0
 
 

@@ -36,15 +36,20 @@ from vistrain.data.vqa import (
     VQAEncoder,
     VQARows,
     VQASource,
-    add_vqa_special_tokens,
     collate_packed,
     collate_padded,
     digits_vqa,
     load_vqa_sources,
     sample_lengths,
     train_tokenizer,
-    vqa_special_tokens,
     vqa_texts,
+)
+from vistrain.data.vqa_text import (
+    IMAGE_LAYOUTS,
+    SMOLVLM_IMAGE_TOKEN,
+    add_layout_tokens,
+    layout_eos_token,
+    layout_special_tokens,
 )
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine.dist import gather_objects
@@ -71,7 +76,8 @@ class VLMDataConfig(DataConfig):
     max_images_per_pack: int = 18
     max_image_size: int = 0  # long side in pixels, a multiple of the tile (vision.image_size); 0: 4 tiles
     pack_window: int = 4096  # samples packed together (a pure function of seed and position)
-    chat_template: str = "chatml"  # chatml | tokenizer (the tokenizer's own)
+    chat_template: str = "chatml"  # chatml | tokenizer (the tokenizer's own); the smolvlm layout has SmolVLM's
+    image_layout: str = ""  # vistrain | smolvlm (SmolVLM's prompt and tiling); "": model.init's, else vistrain
     min_ratings: dict[str, int] = field(default_factory=dict)  # the_cauldron rating column -> minimum
     cache_dir: Optional[str] = None  # per-sample lengths are computed once and cached here
 
@@ -153,13 +159,14 @@ def tokenizer_assets(tokenizer: Any) -> dict[str, bytes]:
         return {f"{TOKENIZER_DIR}/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
-def lm_tokenizer(folder: str, key: str = "model.lm_from") -> Any:
-    """A language model's own tokenizer, extended with the image tokens; errors name `key` (the key or flag)."""
+def lm_tokenizer(folder: str, key: str = "model.lm_from", layout: str = "vistrain") -> Any:
+    """A language model's own tokenizer, extended with the image tokens of an image layout; errors name `key` (the
+    key or flag)."""
     try:
         tokenizer = load_tokenizer(Path(folder))
     except ValueError as e:
         raise ConfigError(f"{key}={folder}: {e}") from None
-    add_vqa_special_tokens(tokenizer)
+    add_layout_tokens(tokenizer, layout)
     return tokenizer
 
 
@@ -174,6 +181,9 @@ class VLMTask(Task):
         if d.name not in ("digits", "vqa"):
             raise ConfigError(f"data.name={d.name!r}: expected digits or vqa")
         self.train_set, self.val_set = self._datasets()
+        # a model imported from elsewhere (nanoVLM, SmolVLM) keeps its image processing when fine-tuned
+        self.image_style = data_image_style(d.image_layout, cfg.model.init)
+        self.layout = self.image_style.get("image_layout", "vistrain")
         self.tokenizer = self._tokenizer()
         model = self._model().to(self.device)
         self.nets: dict[str, nn.Module] = {"vlm": model}
@@ -182,19 +192,18 @@ class VLMTask(Task):
         vcfg = model.cfg.vision
         # digits images are one tile; real images are tiled up to data.max_image_size
         self.max_image_size = (d.max_image_size or 4 * vcfg.image_size) if d.name == "vqa" else vcfg.image_size
-        # a model imported from elsewhere (nanoVLM) keeps its image processing when fine-tuned
-        self.image_style = image_style(ckpt_lib.load_model_config(_model_folder(cfg.model.init, "model.init"))
-                                       if cfg.model.init else {})
+        self.chat_template = "tokenizer" if self.layout == "smolvlm" else d.chat_template
         try:
             processor = ImageProcessor(vcfg.image_size, self.max_image_size, vcfg.image_mean, vcfg.image_std,
                                        resize=self.image_style.get("image_resize", "vistrain"))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.encoder = VQAEncoder(self.tokenizer, processor, model.cfg.image_token_length, d.chat_template,
-                                  d.min_ratings or None, image_labels=self.image_style.get("image_labels", False))
+        self.encoder = VQAEncoder(self.tokenizer, processor, model.cfg.image_token_length, self.chat_template,
+                                  d.min_ratings or None, image_labels=self.image_style.get("image_labels", False),
+                                  layout=self.layout)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                           else self.tokenizer.eos_token_id)
-        self.eos_id = int(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        self.eos_id = int(self.tokenizer.convert_tokens_to_ids(layout_eos_token(self.layout)))
         self.packed = self._packed_stream()
         self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.packed,
                              finite_data=isinstance(self.packed, StreamingMicroBatches))]
@@ -245,15 +254,19 @@ class VLMTask(Task):
             except ckpt_lib.CheckpointError as e:
                 raise ConfigError(f"model.init={m.init}: {e}") from None
         if m.lm_from:
-            return lm_tokenizer(m.lm_from)
-        return train_tokenizer(vqa_texts(self.train_set), vqa_special_tokens(), vocab_size=m.tokenizer_vocab_size)
+            return lm_tokenizer(m.lm_from, layout=self.layout)
+        tokenizer = train_tokenizer(vqa_texts(self.train_set), layout_special_tokens(self.layout),
+                                    vocab_size=m.tokenizer_vocab_size)
+        add_layout_tokens(tokenizer, self.layout)  # the layout's chat template (its tokens are there already)
+        return tokenizer
 
     def _model(self) -> VisionLanguageModel:
         m = self.cfg.model
         if m.init:
             return load_vlm(_model_folder(m.init, "model.init"))
         try:
-            return build_vlm(m.vision, m.lm, m.pixel_shuffle_factor, self.tokenizer, m.vision_from, m.lm_from)
+            return build_vlm(m.vision, m.lm, m.pixel_shuffle_factor, self.tokenizer, m.vision_from, m.lm_from,
+                             image_token=SMOLVLM_IMAGE_TOKEN if self.layout == "smolvlm" else "<|image|>")
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -343,9 +356,9 @@ class VLMTask(Task):
     # ---------------------------------------------------------------------------------- state, export
 
     def model_config(self) -> dict:
+        end = {"eos_token": layout_eos_token(self.layout)} if self.layout != "vistrain" else {}
         return {"task": "vlm", "model": dataclasses.asdict(self.nets["vlm"].cfg),
-                "chat_template": self.cfg.data.chat_template, "max_image_size": self.max_image_size,
-                **self.image_style}
+                "chat_template": self.chat_template, "max_image_size": self.max_image_size, **self.image_style, **end}
 
     def assets(self) -> dict[str, bytes]:
         return tokenizer_assets(self.tokenizer)
@@ -383,9 +396,11 @@ class StreamingMicroBatches:
 
 
 def build_vlm(vision_cfg: ViTConfig, lm_cfg: LlamaConfig, pixel_shuffle_factor: int, tokenizer: Any,
-              vision_from: Optional[str] = None, lm_from: Optional[str] = None) -> VisionLanguageModel:
+              vision_from: Optional[str] = None, lm_from: Optional[str] = None,
+              image_token: str = "<|image|>") -> VisionLanguageModel:
     """A VLM of these shapes, or with the encoder / decoder (config and weights) of local Hugging Face folders;
-    the decoder's vocabulary is the tokenizer's (extended with the image tokens: new rows N(0, 0.02))."""
+    the decoder's vocabulary is the tokenizer's (extended with the image tokens: new rows N(0, 0.02)), and
+    `image_token` (its image layout's) the placeholder its image features replace."""
     from vistrain.interop.hf import load_llama_from_hf, load_vit_from_hf
 
     vision = lm = None
@@ -395,7 +410,7 @@ def build_vlm(vision_cfg: ViTConfig, lm_cfg: LlamaConfig, pixel_shuffle_factor: 
         lm_cfg, lm = load_llama_from_hf(lm_from)
     cfg = VLMConfig(vision=vision_cfg, lm=dataclasses.replace(lm_cfg, vocab_size=len(tokenizer)),
                     pixel_shuffle_factor=pixel_shuffle_factor,
-                    image_token_id=int(tokenizer.convert_tokens_to_ids("<|image|>")))
+                    image_token_id=int(tokenizer.convert_tokens_to_ids(image_token)))
     model = VisionLanguageModel(cfg)
     if vision is not None:
         model.vision.load_state_dict(vision.state_dict())
@@ -417,15 +432,34 @@ def import_hf(vision_from: str, lm_from: str, pixel_shuffle_factor: int) -> tupl
 
 
 def image_style(model_config: dict) -> dict[str, Any]:
-    """A model folder's image processing keys that differ from vistrain's defaults: image_resize (an
-    ImageProcessor resize mode, "vistrain" when absent) and image_labels (VQAEncoder's, false when absent).
-    Models imported from nanoVLM have both (interop/nanovlm.py)."""
+    """A model folder's image processing keys that differ from vistrain's defaults: image_layout (VQAEncoder's,
+    "vistrain" when absent), image_resize (an ImageProcessor resize mode, "vistrain" when absent) and image_labels
+    (VQAEncoder's, false when absent). Models imported from nanoVLM have the last two (interop/nanovlm.py), from
+    SmolVLM the first two (interop/smolvlm.py)."""
     style: dict[str, Any] = {}
+    if model_config.get("image_layout", "vistrain") != "vistrain":
+        style["image_layout"] = str(model_config["image_layout"])
     if model_config.get("image_resize", "vistrain") != "vistrain":
         style["image_resize"] = str(model_config["image_resize"])
     if model_config.get("image_labels"):
         style["image_labels"] = True
     return style
+
+
+def data_image_style(image_layout: str, init: Optional[str]) -> dict[str, Any]:
+    """The image style a run trains with: model.init's (a model keeps the layout it was made with), or a new
+    model's of data.image_layout. data.image_layout, when given, must be model.init's."""
+    if image_layout and image_layout not in IMAGE_LAYOUTS:
+        raise ConfigError(f"data.image_layout={image_layout!r}: expected one of {', '.join(IMAGE_LAYOUTS)} (or empty: "
+                          "model.init's layout)")
+    if init:
+        style = image_style(ckpt_lib.load_model_config(_model_folder(init, "model.init")))
+        if image_layout and image_layout != style.get("image_layout", "vistrain"):
+            raise ConfigError(f"data.image_layout={image_layout}, but model.init={init} was made with the "
+                              f"{style.get('image_layout', 'vistrain')!r} layout (its tokens and image tiling): "
+                              "give that layout, or leave data.image_layout empty")
+        return style
+    return {"image_layout": "smolvlm", "image_resize": "smolvlm"} if image_layout == "smolvlm" else {}
 
 
 def import_nanovlm(folder: str, tokenizer_dir: Optional[str] = None) -> tuple[dict, dict, dict]:
@@ -492,7 +526,8 @@ def load_for_generation(folder: Path, device: torch.device | str = "cpu") -> tup
     processor = ImageProcessor(vcfg.image_size, model_config.get("max_image_size", vcfg.image_size),
                                vcfg.image_mean, vcfg.image_std, resize=style.get("image_resize", "vistrain"))
     encoder = VQAEncoder(tokenizer, processor, model.cfg.image_token_length,
-                         model_config.get("chat_template", "chatml"), image_labels=style.get("image_labels", False))
+                         model_config.get("chat_template", "chatml"), image_labels=style.get("image_labels", False),
+                         layout=style.get("image_layout", "vistrain"))
     eos_token = str(model_config.get("eos_token", "<|im_end|>"))
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
     if eos_id is None or eos_id == tokenizer.unk_token_id and eos_token != tokenizer.unk_token:
