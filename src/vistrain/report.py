@@ -125,7 +125,7 @@ def line_chart(title: str, points: list[tuple[int, float]], color: str) -> str:
         label = format_number(10**tick) if log else _tick_label(tick, y_ticks)
         parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
                      f'<text x="{LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
-    x_ticks = _nice_ticks(x_lo, x_hi)
+    x_ticks = [tick for tick in _nice_ticks(x_lo, x_hi) if float(tick).is_integer()]  # steps are whole
     for tick in x_ticks:
         x = px(tick)
         parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}"/>'
