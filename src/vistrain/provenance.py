@@ -3,7 +3,7 @@
 Every checkpoint and every model folder (import, export) holds `provenance.json`, one record::
 
     {"action": "train" | "import" | "export",
-     "time": "2025-01-31T12:00:00Z", "host": "node7",
+     "time": "2025-01-31T12:00:00Z", "host": "node7",             # when it began (training: the process's start)
      "command": "python -m vistrain train configs/gan/digits.yaml train.max_steps=100", "cwd": "/home/me/vistrain",
      "vistrain": {"version": "0.1.0", "source": ".../src/vistrain",
                   "commit": "55530cd...", "dirty": true, "changed_files": ["src/vistrain/cli.py"]},

@@ -122,8 +122,12 @@ class Trainer:
         # the metric that picks `best`: eval.best when set, else the task's choice
         self.best = (ev.best, ev.best_mode) if ev is not None and ev.best else task.best_metric
         self.eval_jobs = self._build_eval_jobs()
-        # every rank's device, for the provenance of the checkpoints (a collective: every rank takes part)
-        self._device_names = gather_objects(provenance.device_name(self.device), self.dist)
+        # What makes this run, for the checkpoints' provenance.json, collected now: the code as it was loaded, not as
+        # the checkout may be by the first save. Every rank names its device (a collective).
+        devices = provenance.device_counts(gather_objects(provenance.device_name(self.device), self.dist))
+        best = {"name": self.best[0], "mode": self.best[1]} if self.best else None
+        self._provenance = provenance.collect("train", world_size=self.dist.world_size, devices=devices,
+                                              best_metric=best) if self.dist.is_main else {}
         self.parallel = Parallel(task.nets, task.trainable, cfg.train, self.dist)
         self.optimizers = {name: build_optimizer(task.nets[spec.net], spec.config)
                            for name, spec in task.optimizers.items()}
@@ -151,7 +155,7 @@ class Trainer:
         self.metrics = MetricAccumulator()
         self._schedule_values: dict[str, float] = {}
         self._loggers: Optional[LoggerGroup] = None  # built at the first log event: a failed start writes nothing
-        self._provenance: Optional[bytes] = None  # provenance.json, made with config.yaml at the first save
+        self._config_written = False
         self._stop_requested = False
         self._last_eval: Optional[tuple[int, dict]] = None
         self._drawn: dict[str, list[Any]] = {}
@@ -165,8 +169,8 @@ class Trainer:
         if ev is None or ev.mode == "sync" or not self.dist.is_main:
             return None
         if self._eval_command is None:
-            raise ConfigError(f"eval.mode={ev.mode}: this trainer was built without an eval command; build it "
-                              "with vistrain.tasks.make_trainer, or set eval.mode=sync")
+            raise ConfigError(f"eval.mode={ev.mode}: this trainer was built without an eval command (the "
+                              "`vistrain train` command gives one); pass eval_command, or set eval.mode=sync")
         if ev.mode == "local":
             # training on the CPU shares its cores with the jobs: one thread each keeps them from fighting
             launcher, poll_every_s = LocalLauncher(threads=1 if self.device.type == "cpu" else None), 1.0
@@ -478,14 +482,12 @@ class Trainer:
             self.loggers.log_images(self.step, tag, grid)
 
     def save_checkpoint(self) -> Path:
-        if self.dist.is_main and self._provenance is None:
+        if self.dist.is_main and not self._config_written:
             # Only now: a run that never gets this far must not replace an earlier run's config.
             config = OmegaConf.structured(self.cfg)
             write_text_atomic(self.out_dir / "config.yaml", OmegaConf.to_yaml(config))
-            best = {"name": self.best[0], "mode": self.best[1]} if self.best else None
-            self._provenance = provenance.to_bytes(provenance.collect(
-                "train", world_size=self.dist.world_size, devices=provenance.device_counts(self._device_names),
-                config=OmegaConf.to_container(config), best_metric=best))
+            self._provenance["config"] = OmegaConf.to_container(config)  # the same config, in provenance.json
+            self._config_written = True
         run_state = {
             "step": self.step,
             "seed": self.seed,
@@ -495,7 +497,8 @@ class Trainer:
             "nonfinite_streak": self.nonfinite_streak,
         }
         metrics = self._last_eval[1] if self._last_eval and self._last_eval[0] == self.step else None
-        assets = {**self.task.assets(), provenance.FILE: self._provenance} if self.dist.is_main else None
+        assets = {**self.task.assets(), provenance.FILE: provenance.to_bytes(self._provenance)} \
+            if self.dist.is_main else None
         return self.checkpointer.save(self.step, run_state, self.task.model_config(), metrics,
                                       best=self.best, assets=assets)
 
