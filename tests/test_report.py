@@ -99,11 +99,14 @@ def console_messages(stderr: str) -> list[str]:
 
 
 # What the browser made of the page, read back from its DOM: a copy of the report with this script allowed in.
+# A chart is drawn when its line has a width, or, for a single point, its marker is there.
 PROBE = """<script>addEventListener("load", () => {
-  const images = [...document.images], lines = [...document.querySelectorAll("svg.chart polyline")];
+  const images = [...document.images], charts = [...document.querySelectorAll("svg.chart")];
+  const drawn = charts.filter(c => c.querySelector("polyline")
+                                   && (c.querySelector("polyline").getBBox().width > 0 || c.querySelector("circle")));
   document.body.setAttribute("data-probe", JSON.stringify({
     images: images.length, decoded: images.filter(i => i.complete && i.naturalWidth > 0).length,
-    charts: document.querySelectorAll("svg.chart").length, drawn: lines.filter(l => l.getBBox().width > 0).length}));
+    charts: charts.length, drawn: drawn.length}));
 });</script>"""
 
 
