@@ -8,11 +8,13 @@ around 1, so a swapped or misrouted tensor changes the numbers (unit norms would
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from vistrain.interop.hf import (
@@ -23,7 +25,7 @@ from vistrain.interop.hf import (
     llama_state_dict_to_hf,
     load_llama_from_hf,
 )
-from vistrain.models.llama import KVCache, LanguageModel, LlamaConfig, positions_from_doc_ids
+from vistrain.models.llama import KVCache, LanguageModel, LlamaConfig, linear_cross_entropy, positions_from_doc_ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -136,6 +138,159 @@ def test_generate_runs_blocks_compiled_by_the_engine_eagerly() -> None:
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch.equal(model.generate(prompt, max_new_tokens=6), want)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+
+
+def _tiny_model(seed: int = 0, **changes) -> LanguageModel:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
+    return LanguageModel(LlamaConfig(**{**cfg, **changes})).eval()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_decoding_gives_the_eager_tokens_with_one_graph(backend) -> None:
+    """generate(compile=...) traces the decoding step whole (fullgraph) over the static cache: the same tokens
+    as eager decoding, and one graph for every step and for every prompt of the same capacity bucket."""
+    model = _tiny_model()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    prompts = _ids(2, 6, seed=9) % 64
+    for prompt, n in ((prompts, 10), (prompts[:, :4], 7)):
+        want = model.generate(prompt, max_new_tokens=n)
+        assert torch.equal(model.generate(prompt, max_new_tokens=n, compile=backend), want)
+        eos = int(want[1, 2])  # row 1 stops at step 2 or before, row 0 goes on
+        assert torch.equal(model.generate(prompt, max_new_tokens=n, eos_token_id=eos, compile=backend),
+                           model.generate(prompt, max_new_tokens=n, eos_token_id=eos))
+        draws = [model.generate(prompt, max_new_tokens=n, greedy=False, temperature=2.0, top_k=20, compile=c,
+                                generator=torch.Generator().manual_seed(3)) for c in (False, backend)]
+        assert torch.equal(draws[0], draws[1])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    # a copy of the model compiles its own step (the compiled function holds the original)
+    assert torch.equal(copy.deepcopy(model).generate(prompts, max_new_tokens=3, compile=backend),
+                       model.generate(prompts, max_new_tokens=3))
+
+
+def test_compiled_decoding_with_blocks_the_engine_compiled() -> None:
+    model = _tiny_model(seed=1)
+    prompt = _ids(1, 5, seed=2) % 64
+    want = model.generate(prompt, max_new_tokens=6)
+    for block in model.blocks:
+        block.compile(backend="eager")
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, compile="eager"), want)
+
+
+def test_a_decoding_step_that_cannot_compile_falls_back_to_eager(monkeypatch) -> None:
+    """A block dynamo cannot trace whole (here: a graph break, refused by fullgraph) leaves eager decoding."""
+    model = _tiny_model(seed=2)
+    prompt = _ids(1, 5, seed=3) % 64
+    want = model.generate(prompt, max_new_tokens=5)
+    traced_whole = model.blocks[0].forward
+
+    def with_a_graph_break(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return traced_whole(*args, **kwargs)
+
+    monkeypatch.setattr(model.blocks[0], "forward", with_a_graph_break)
+    with pytest.warns(UserWarning, match="compiled decoding step failed.*decoding eagerly"):
+        got = model.generate(prompt, max_new_tokens=5, compile="eager")
+    assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loss on hidden states: chunked, labelled rows only
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_linear_cross_entropy_equals_the_plain_one(chunk_size: int) -> None:
+    """Loss and both gradients are those of F.cross_entropy over F.linear's logits, in float64 to the last
+    bits: ignored rows count for nothing, every chunk (the last one short) counts once."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[::3] = -100
+    got = linear_cross_entropy(h, w, labels, chunk_size=chunk_size)
+    got_grads = torch.autograd.grad(2.5 * got, (h, w))  # an upstream gradient other than 1 is applied too
+    want = F.cross_entropy(F.linear(h, w), labels, reduction="sum")
+    want_grads = torch.autograd.grad(2.5 * want, (h, w))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for ours, theirs in zip(got_grads, want_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    assert got_grads[0][::3].abs().max() == 0  # an ignored row gets no gradient
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_next_token_loss_is_the_cross_entropy_of_the_shifted_logits(tied: bool) -> None:
+    """forward(labels_BT=...) = F.cross_entropy(logits[:, :-1], labels[:, 1:]) summed, with its gradients for
+    every parameter; a misaligned target (the bug a shift invites) gives another value."""
+    model = _tiny_model(seed=3, tie_embeddings=tied).train()
+    ids = _ids(2, 12, seed=10) % 64
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt has no labels
+    labels[1, 9] = -100
+    loss = model(ids, labels_BT=labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    logits = model(ids)
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), reduction="sum")
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    for ours, theirs in zip(grads, want_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    misaligned = F.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1), reduction="sum")
+    assert not torch.allclose(misaligned, loss, rtol=1e-6, atol=0)  # what the check above would catch
+    with pytest.raises(ValueError, match="labels_BT must have shape"):
+        model(ids, labels_BT=labels[:, 1:])
+
+
+def test_linear_cross_entropy_under_bf16_autocast() -> None:
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(64, 32, generator=g, requires_grad=True)
+    w = torch.randn(100, 32, generator=g, requires_grad=True)
+    labels = torch.randint(0, 100, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, labels, chunk_size=16)
+        want = F.cross_entropy(F.linear(h, w).float(), labels, reduction="sum")
+    assert got.dtype == torch.float32
+    got_grads, want_grads = torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # the same bf16 logits, each summed in float32
+    assert got_grads[0].dtype == h.dtype and got_grads[1].dtype == w.dtype
+    for ours, theirs in zip(got_grads, want_grads):  # bf16 products, accumulated in another order
+        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+
+
+def test_the_loss_never_makes_the_logits_of_every_token() -> None:
+    """Only the labelled rows reach the head, chunk_size at a time: no tensor with a vocabulary axis (other than
+    the head's weight and its gradient) holds more rows than a chunk, in the forward or the backward; the
+    plain loss holds all B x T."""
+    from torch.overrides import TorchFunctionMode
+
+    V, D = 97, 32
+
+    class LargestWithVocabAxis(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple) else (out,):
+                if (isinstance(t, torch.Tensor) and t.is_floating_point() and V in t.shape
+                        and tuple(t.shape) not in ((V, D), (D, V))):
+                    self.rows = max(self.rows, t.numel() // V)
+            return out
+
+    model = _tiny_model(seed=4, vocab_size=V, hidden_size=D).train()
+    ids = _ids(4, 16, seed=11) % V
+    labels = torch.full_like(ids, -100)
+    labels[:, 10:14] = ids[:, 10:14]  # 4 x 4 labelled tokens, predicted from positions 9..12
+    with LargestWithVocabAxis() as mode:
+        model(ids, labels_BT=labels).backward()
+    assert mode.rows == 16  # the labelled targets alone (the default chunk holds them all)
+    with LargestWithVocabAxis() as mode:
+        linear_cross_entropy(torch.randn(64, D, requires_grad=True), model.head_weight, labels.reshape(-1),
+                             chunk_size=5).backward()
+    assert mode.rows == 5
+    with LargestWithVocabAxis() as mode:
+        model(ids).float().sum().backward()
+    assert mode.rows == 64  # the plain logits: every one of the 4 x 16 tokens
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     logits_BTV = LanguageModel(cfg)(input_ids_BT)                            # causal, one pass
     logits_BTV = LanguageModel(cfg)(inputs_embeds_BTD=x_BTD, doc_ids_BT=d)   # packed rows (a VLM batch)
+    loss_sum = LanguageModel(cfg)(input_ids_BT, labels_BT=labels_BT)          # training: no logits made
     new_ids_BN = LanguageModel(cfg).generate(input_ids_BT, max_new_tokens=N)  # with a KV cache
 
 Each block: x + attn(RMSNorm(x)), then x + mlp(RMSNorm(x)). Attention is grouped-query (every kv head
@@ -25,11 +26,19 @@ FSDP see one tensor, and safetensors (which refuses shared tensors) can save it.
 Under the engine's train.compile=blocks the blocks take the mask as an argument, and masks cache their
 tensors per length: packed rows of one fixed length compile the blocks twice (the first block builds the
 dense mask, the others find it) and then never again, while every new packed length compiles them anew, so
-pad packed rows to one length. Plain causal attention needs no mask tensor (SDPA's is_causal). generate()
-runs compiled blocks eagerly (torch.compiler.set_stance), since its shapes change at every step.
+pad packed rows to one length. Plain causal attention needs no mask tensor (SDPA's is_causal).
 
-Tensor suffixes: B batch, T new tokens, S keys (cached + new), D hidden, H query heads, G kv heads,
-c head dim, V vocabulary, N generated tokens.
+The loss (labels_BT given) is the cross entropy of the labelled next tokens, computed from the final hidden
+states by linear_cross_entropy: only labelled positions reach the head, in chunks, so the (B, T, V) logits
+(49k columns for SmolLM2) are never made; it equals F.cross_entropy of the logits to rounding.
+
+Generation keeps keys and values in a KVCache of fixed capacity, written in place; each step attends to all of
+it under a mask of the filled slots, so every decoding step has the same shapes. generate(compile=True)
+compiles that step once (torch.compile, fullgraph; CUDA graphs on CUDA); by default it runs eagerly, and so do
+blocks the engine compiled (torch.compiler.set_stance) for the prompt's pass, whose length is new each call.
+
+Tensor suffixes: B batch, T new tokens, S keys (with a cache: its capacity), D hidden, H query heads, G kv
+heads, c head dim, V vocabulary, N generated tokens (or rows of the loss), C rows of a loss chunk.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +57,7 @@ from torch import Tensor, nn
 from vistrain.models.attention import IMPLS, AttentionMask, attention
 from vistrain.models.var import top_k_top_p_filter
 
-__all__ = ["KVCache", "LanguageModel", "LlamaConfig", "positions_from_doc_ids"]
+__all__ = ["KVCache", "LanguageModel", "LlamaConfig", "linear_cross_entropy", "positions_from_doc_ids"]
 
 
 @dataclass
@@ -138,9 +149,12 @@ class KVCache:
     """Keys and values of every layer for the tokens seen so far: prefill, then one token at a time.
 
     A layer's buffers (B, G, capacity, c) are allocated on its first update, with the dtype and device of its
-    keys, so each step writes in place instead of concatenating. Keys are stored rotated and before the kv
-    heads are repeated for grouped-query attention. `length` counts the tokens every layer holds; the model
-    advances it at the end of each forward pass (so all layers of one pass write at the same offset).
+    keys, and every pass writes its keys into them in place. Attention reads the whole buffers, with a mask of
+    the slots each query may see (`mask`): so every decoding step has the same shapes, and one compiled graph
+    serves them all (LanguageModel.generate(compile=...)). Keys are stored rotated and before the kv heads
+    are repeated for grouped-query attention. The count of tokens held is kept twice: `length`, a Python
+    int for checks on the host, and `position`, a device tensor that compiled code reads without baking its
+    value in. The model advances both at the end of each pass (so all layers of one pass write at one offset).
     """
 
     def __init__(self, capacity: int):
@@ -148,28 +162,106 @@ class KVCache:
             raise ValueError(f"KVCache: capacity must be an integer >= 1, got {capacity!r}.")
         self.capacity = capacity
         self.length = 0
+        self.position: Tensor | None = None  # (1,) long on the model's device, == length
+        self.static_addresses = False  # mark the buffers for CUDA graphs (compiled decoding on CUDA)
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
 
+    def mask(self, num_tokens: int, device: torch.device) -> Tensor:
+        """(1, 1, T, capacity) bool for this pass's T queries: slot s is visible to query t iff s <= its slot."""
+        if self.position is None:
+            self.position = torch.zeros(1, dtype=torch.long, device=device)
+            self._mark_static(self.position)
+        slots_T = self.position + torch.arange(num_tokens, device=device)
+        return (torch.arange(self.capacity, device=device) <= slots_T[:, None])[None, None]
+
     def update(self, layer: int, k_BGTc: Tensor, v_BGTc: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this pass's keys and values of `layer`; return all of them so far, (B, G, S, c)."""
-        start, end = self.length, self.length + k_BGTc.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"KVCache: {end} tokens do not fit its capacity of {self.capacity}.")
+        """Store this pass's keys and values of `layer`; return the layer's whole buffers (B, G, capacity, c)."""
         if layer == len(self.k):  # first pass: allocate this layer's buffers
             B, G, _, c = k_BGTc.shape
-            self.k.append(k_BGTc.new_zeros(B, G, self.capacity, c))
-            self.v.append(v_BGTc.new_zeros(B, G, self.capacity, c))
+            self.k.append(self._mark_static(k_BGTc.new_zeros(B, G, self.capacity, c)))
+            self.v.append(self._mark_static(v_BGTc.new_zeros(B, G, self.capacity, c)))
         elif layer > len(self.k):
             raise ValueError(f"KVCache: layer {layer} updated before layer {len(self.k)}.")
         if self.k[layer].shape[0] != k_BGTc.shape[0]:
             raise ValueError(f"KVCache: holds {self.k[layer].shape[0]} rows, got a batch of {k_BGTc.shape[0]}.")
-        self.k[layer][:, :, start:end] = k_BGTc
-        self.v[layer][:, :, start:end] = v_BGTc
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        slots_T = self.position + torch.arange(k_BGTc.shape[2], device=k_BGTc.device)
+        self.k[layer].index_copy_(2, slots_T, k_BGTc)
+        self.v[layer].index_copy_(2, slots_T, v_BGTc)
+        return self.k[layer], self.v[layer]
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
+        self.position.add_(num_tokens)
+
+    def _mark_static(self, t: Tensor) -> Tensor:
+        # CUDA graphs replay fixed addresses: buffers written in place must be marked so, or torch.compile's
+        # cudagraph trees decline the graph ("mutated inputs")
+        if self.static_addresses:
+            torch._dynamo.mark_static_address(t)
+        return t
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loss: the output head's cross entropy without the logits of every token
+
+
+def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, labels_N: Tensor, ignore_index: int = -100,
+                         chunk_size: int = 1024) -> Tensor:
+    """Cross entropy of the logits h W^T, summed over the rows whose label is not ignore_index, in float32
+    (float64 for float64 inputs): the value and the gradients of F.cross_entropy(F.linear(h, W).float(),
+    labels, reduction="sum"), without its (N, V) logits.
+
+    Two savings. Only labelled rows reach the head: a VLM labels its answers, a small part of each packed
+    row (image tokens, questions and padding never). And those pass it chunk_size rows at a time, so the
+    float32 logits (SmolLM2's 49k columns: 197 KB a row) exist for one chunk at a time. The gradients are
+    computed in the forward pass, chunk by chunk, while each chunk's softmax is at hand; backward only
+    scales them, so no matmul runs twice (checkpointed chunks would compute the logits again). Under
+    autocast the matmuls run in the autocast dtype, as F.linear's would; the softmax always in float32.
+    """
+    rows = (labels_N != ignore_index).nonzero().squeeze(1)  # a host sync: the labelled rows size the work
+    return _LinearCrossEntropy.apply(h_ND.index_select(0, rows), weight_VD, labels_N.index_select(0, rows),
+                                     chunk_size)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_ND: Tensor, weight_VD: Tensor, labels_N: Tensor, chunk_size: int) -> Tensor:
+        device = h_ND.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_ND.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.dtypes = h_ND.dtype, weight_VD.dtype
+        exact = torch.promote_types(dtype, torch.float32)  # the softmax and the sums: float32, or float64
+        with torch.autocast(device, enabled=False):
+            h_ND, w_VD = h_ND.to(dtype), weight_VD.to(dtype)
+            loss = torch.zeros((), dtype=exact, device=h_ND.device)
+            grad_h_ND = torch.empty_like(h_ND) if need_h else None
+            grad_w_VD = torch.zeros(w_VD.shape, dtype=exact, device=w_VD.device) if need_w else None
+            for start in range(0, h_ND.shape[0], chunk_size):
+                h_CD, labels_C = h_ND[start:start + chunk_size], labels_N[start:start + chunk_size]
+                logits_CV = (h_CD @ w_VD.T).to(exact)
+                lse_C = logits_CV.logsumexp(dim=-1)
+                loss += (lse_C - logits_CV.gather(1, labels_C[:, None])[:, 0]).sum()
+                if not (need_h or need_w):
+                    continue
+                # d loss / d logits = softmax - one_hot(label), made in place of the logits
+                d_CV = logits_CV.sub_(lse_C[:, None]).exp_()
+                d_CV[torch.arange(len(labels_C), device=d_CV.device), labels_C] -= 1.0
+                d_CV = d_CV.to(dtype)
+                if need_h:
+                    grad_h_ND[start:start + chunk_size] = d_CV @ w_VD
+                if need_w:
+                    grad_w_VD += d_CV.T @ h_CD
+        ctx.save_for_backward(grad_h_ND, grad_w_VD)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        grad_h_ND, grad_w_VD = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        grad_h = None if grad_h_ND is None else (grad_h_ND * grad_loss.to(grad_h_ND.dtype)).to(h_dtype)
+        grad_w = None if grad_w_VD is None else (grad_w_VD * grad_loss).to(w_dtype)
+        return grad_h, grad_w, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,8 +295,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, self.kv_heads * c, bias=False)
         self.o_proj = nn.Linear(self.heads * c, D, bias=False)
 
-    def forward(self, x_BTD: Tensor, cos_B1Tc: Tensor, sin_B1Tc: Tensor, mask: AttentionMask | None,
+    def forward(self, x_BTD: Tensor, cos_B1Tc: Tensor, sin_B1Tc: Tensor, mask: AttentionMask | Tensor | None,
                 kv_cache: KVCache | None) -> Tensor:
+        """mask: an AttentionMask (or None: causal) without a cache; with one, the cache's mask tensor."""
         B, T, _ = x_BTD.shape
         c = self.head_dim
         q_BHTc = self.q_proj(x_BTD).view(B, T, self.heads, c).transpose(1, 2)
@@ -212,9 +305,7 @@ class Attention(nn.Module):
         v_BGTc = self.v_proj(x_BTD).view(B, T, self.kv_heads, c).transpose(1, 2)
         q_BHTc = _rotate(q_BHTc, cos_B1Tc, sin_B1Tc)
         k_BGTc = _rotate(k_BGTc, cos_B1Tc, sin_B1Tc)
-        q_offset = 0
         if kv_cache is not None:
-            q_offset = kv_cache.length
             k_BGSc, v_BGSc = kv_cache.update(self.layer, k_BGTc, v_BGTc)
         else:
             k_BGSc, v_BGSc = k_BGTc, v_BGTc
@@ -222,7 +313,12 @@ class Attention(nn.Module):
         rep = self.heads // self.kv_heads
         k_BHSc = k_BGSc.repeat_interleave(rep, dim=1) if rep > 1 else k_BGSc
         v_BHSc = v_BGSc.repeat_interleave(rep, dim=1) if rep > 1 else v_BGSc
-        o_BHTc = attention(q_BHTc, k_BHSc, v_BHSc, mask, impl=self.attn_impl, q_offset=q_offset)
+        if kv_cache is not None:
+            # every slot of the cache, the empty and future ones masked: a tensor mask (not an AttentionMask,
+            # whose offsets are Python ints) keeps the shapes and the graph of a decoding step fixed
+            o_BHTc = F.scaled_dot_product_attention(q_BHTc, k_BHSc, v_BHSc, attn_mask=mask)
+        else:
+            o_BHTc = attention(q_BHTc, k_BHSc, v_BHSc, mask, impl=self.attn_impl)
         return self.o_proj(o_BHTc.transpose(1, 2).reshape(B, T, self.heads * c))
 
 
@@ -249,7 +345,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x_BTD: Tensor, cos_B1Tc: Tensor, sin_B1Tc: Tensor, mask: AttentionMask | None,
+    def forward(self, x_BTD: Tensor, cos_B1Tc: Tensor, sin_B1Tc: Tensor, mask: AttentionMask | Tensor | None,
                 kv_cache: KVCache | None = None) -> Tensor:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_B1Tc, sin_B1Tc, mask, kv_cache)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
@@ -273,6 +369,7 @@ class LanguageModel(nn.Module):
         # One causal mask, grown when a longer sequence comes: it keeps its device copies (and flex's block
         # masks) between calls. A plain attribute, not a buffer: nothing to checkpoint.
         self._causal_mask: AttentionMask | None = None
+        self._decoders: dict[tuple[str, str], Callable] = {}  # generate(compile=...): compiled decoding steps
         self.init_weights()
 
     @torch.no_grad()
@@ -305,9 +402,22 @@ class LanguageModel(nn.Module):
         position_ids_BT: Tensor | None = None,
         doc_ids_BT: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        labels_BT: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, T, V) for every token; see hidden_states() for the arguments."""
-        return self.logits(self.hidden_states(input_ids_BT, inputs_embeds_BTD, position_ids_BT, doc_ids_BT, kv_cache))
+        """Logits (B, T, V) for every token (see hidden_states() for the arguments); with labels_BT, instead,
+        the summed cross entropy of the labelled next tokens (next_token_loss), which never builds the logits."""
+        h_BTD = self.hidden_states(input_ids_BT, inputs_embeds_BTD, position_ids_BT, doc_ids_BT, kv_cache)
+        return self.logits(h_BTD) if labels_BT is None else self.next_token_loss(h_BTD, labels_BT)
+
+    def next_token_loss(self, h_BTD: Tensor, labels_BT: Tensor, ignore_index: int = -100) -> Tensor:
+        """Cross entropy (float32) summed over the tokens whose next token is labelled: position t predicts
+        labels_BT[:, t + 1], and labels equal to ignore_index (PyTorch's -100) count for nothing."""
+        B, T, D = h_BTD.shape
+        if labels_BT.shape != (B, T):
+            raise ValueError(f"LanguageModel: labels_BT must have shape {(B, T)}, got {tuple(labels_BT.shape)}.")
+        targets_BT = F.pad(labels_BT[:, 1:], (0, 1), value=ignore_index)  # the last token predicts nothing here
+        return linear_cross_entropy(h_BTD.reshape(B * T, D), self.head_weight, targets_BT.reshape(B * T),
+                                    ignore_index=ignore_index)
 
     def hidden_states(
         self,
@@ -327,33 +437,47 @@ class LanguageModel(nn.Module):
         """
         x_BTD = self._input(input_ids_BT, inputs_embeds_BTD)
         B, T, _ = x_BTD.shape
-        past = 0 if kv_cache is None else kv_cache.length
-        if doc_ids_BT is not None:
-            if kv_cache is not None:
+        if position_ids_BT is not None and (position_ids_BT.dim() != 2 or position_ids_BT.shape[1] != T
+                                            or position_ids_BT.shape[0] not in (1, B)):
+            raise ValueError(f"LanguageModel: position_ids_BT must have shape {(B, T)}, got {tuple(position_ids_BT.shape)}.")
+        if kv_cache is not None:
+            if doc_ids_BT is not None:
                 raise ValueError("LanguageModel: doc_ids_BT (packed rows) cannot be used with a kv_cache.")
+            if kv_cache.length + T > kv_cache.capacity:
+                raise ValueError(f"KVCache: {kv_cache.length + T} tokens do not fit its capacity of {kv_cache.capacity}.")
+            h_BTD = self._cached_pass(x_BTD, kv_cache, position_ids_BT)
+            kv_cache.advance(T)
+            return h_BTD
+        if doc_ids_BT is not None:
             if not isinstance(doc_ids_BT, Tensor) or tuple(doc_ids_BT.shape) != (B, T):
                 got = tuple(doc_ids_BT.shape) if isinstance(doc_ids_BT, Tensor) else type(doc_ids_BT).__name__
                 raise ValueError(f"LanguageModel: doc_ids_BT must have shape {(B, T)}, got {got}.")
             mask = AttentionMask.document_causal(doc_ids_BT)
-        else:
-            mask = self._causal(past + T)
-
-        if position_ids_BT is None:
-            if doc_ids_BT is not None:
+            if position_ids_BT is None:
                 position_ids_BT = positions_from_doc_ids(doc_ids_BT.to(x_BTD.device))
-            else:
-                position_ids_BT = torch.arange(past, past + T, device=x_BTD.device).expand(B, T)
-        elif position_ids_BT.dim() != 2 or position_ids_BT.shape[1] != T or position_ids_BT.shape[0] not in (1, B):
-            raise ValueError(f"LanguageModel: position_ids_BT must have shape {(B, T)}, got {tuple(position_ids_BT.shape)}.")
+        else:
+            mask = self._causal(T)
+            if position_ids_BT is None:
+                position_ids_BT = torch.arange(T, device=x_BTD.device).expand(B, T)
+        return self._blocks(x_BTD, position_ids_BT, mask, None)
+
+    def _cached_pass(self, x_BTD: Tensor, cache: KVCache, position_ids_BT: Tensor | None = None) -> Tensor:
+        """The blocks over T new tokens after the cached ones, reading the cache's offset from its position
+        tensor; the caller advances the cache (compiled decoding must not touch its Python int)."""
+        B, T, _ = x_BTD.shape
+        mask_11TS = cache.mask(T, x_BTD.device)
+        if position_ids_BT is None:
+            position_ids_BT = (cache.position + torch.arange(T, device=x_BTD.device)).expand(B, T)
+        return self._blocks(x_BTD, position_ids_BT, mask_11TS, cache)
+
+    def _blocks(self, x_BTD: Tensor, position_ids_BT: Tensor, mask: AttentionMask | Tensor | None,
+                kv_cache: KVCache | None) -> Tensor:
         cos_B1Tc, sin_B1Tc = rotary_cos_sin(position_ids_BT.to(x_BTD.device), self.cfg.resolved_head_dim,
                                             self.cfg.rope_theta)
         # Llama rotates in the dtype of the residual stream (float32 under autocast, bf16 for bf16 weights)
         cos_B1Tc, sin_B1Tc = cos_B1Tc.to(x_BTD.dtype), sin_B1Tc.to(x_BTD.dtype)
-
         for block in self.blocks:
             x_BTD = block(x_BTD, cos_B1Tc, sin_B1Tc, mask, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(T)
         return self.norm(x_BTD)
 
     def _input(self, input_ids_BT: Tensor | None, inputs_embeds_BTD: Tensor | None) -> Tensor:
@@ -416,6 +540,7 @@ class LanguageModel(nn.Module):
         top_k: int = 0,
         top_p: float = 0.0,
         generator: torch.Generator | None = None,
+        compile: bool | str = False,
     ) -> Tensor:
         """New token ids (B, N), N <= max_new_tokens, continuing the prompts (ids or embeddings, all of one
         length: no padding), with a KV cache: one pass over the prompt, then one token at a time.
@@ -423,6 +548,12 @@ class LanguageModel(nn.Module):
         greedy: argmax. Else sample from softmax(logits / temperature) after top-k and top-p filtering
         (models/var.py's top_k_top_p_filter), with `generator` (or the global RNG). A row that has produced
         eos_token_id gets eos from then on; generation stops when every row has, so N can be shorter.
+
+        compile: False decodes eagerly. True compiles the decoding step (embedding, every block, the head) as one
+        graph with torch.compile (fullgraph; on CUDA with CUDA graphs, mode reduce-overhead): the cache's
+        fixed shapes let one graph serve every step, and every later call whose prompt + max_new_tokens falls
+        in the same 256-token bucket. A string is the torch.compile backend to use (tests: "eager"). If
+        compiling fails, decoding goes on eagerly, with a warning.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
@@ -433,13 +564,21 @@ class LanguageModel(nn.Module):
         if max_new_tokens == 0:
             return torch.zeros(B, 0, dtype=torch.long, device=x_BTD.device)
 
-        cache = KVCache(T + max_new_tokens - 1)  # the last new token is never fed back
+        capacity = T + max_new_tokens - 1  # the last new token is never fed back
+        if compile:  # a bucket of capacities shares one compiled graph
+            capacity = -(-capacity // DECODE_BUCKET) * DECODE_BUCKET
+        cache = KVCache(capacity)
+        decode, cuda_graphs = self._decode_step, False
+        if compile:
+            decode, cuda_graphs = self._compiled_decode(compile, x_BTD.device)
+            cache.static_addresses = cuda_graphs
+        with _eager_even_if_compiled():  # the prompt's pass: its length is new at every call
+            h_BTD = self.hidden_states(inputs_embeds_BTD=x_BTD, kv_cache=cache)
+        logits_BV = self.logits(h_BTD[:, -1]).float()
         finished_B = torch.zeros(B, dtype=torch.bool, device=x_BTD.device)
         new: list[Tensor] = []
-        with _eager_even_if_compiled():
-            h_BTD = self.hidden_states(inputs_embeds_BTD=x_BTD, kv_cache=cache)
+        with contextlib.nullcontext() if compile else _eager_even_if_compiled():
             for step in range(max_new_tokens):
-                logits_BV = self.logits(h_BTD[:, -1]).float()
                 if greedy:
                     next_B = logits_BV.argmax(dim=-1)
                 else:
@@ -451,12 +590,49 @@ class LanguageModel(nn.Module):
                 new.append(next_B)
                 if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished_B.all())):
                     break
-                h_BTD = self.hidden_states(next_B[:, None], kv_cache=cache)
+                if cuda_graphs:  # the graph's outputs of the last step (logits_BV) are used up: replay over them
+                    torch.compiler.cudagraph_mark_step_begin()
+                try:
+                    logits_BV = decode(next_B[:, None], cache)
+                except Exception as e:  # noqa: BLE001 - any failure to compile leaves the eager step
+                    if decode == self._decode_step:
+                        raise
+                    first_line = (str(e).splitlines() or [""])[0]
+                    warnings.warn(f"generate: the compiled decoding step failed ({type(e).__name__}: {first_line}); "
+                                  "decoding eagerly instead", stacklevel=2)
+                    decode = self._decode_step
+                    logits_BV = decode(next_B[:, None], cache)
+                cache.advance(1)
         return torch.stack(new, dim=1)
+
+    def _decode_step(self, ids_B1: Tensor, cache: KVCache) -> Tensor:
+        """Logits (B, V), float32, after one more token per row: one step of generate, the graph it compiles.
+        It reads and writes tensors only (the cache's buffers and position); generate advances the cache."""
+        h_B1D = self._cached_pass(self.embed_tokens(ids_B1), cache)
+        return self.logits(h_B1D[:, -1]).float()
+
+    def _compiled_decode(self, compile: bool | str, device: torch.device) -> tuple[Callable, bool]:
+        """(the compiled decoding step, whether it replays CUDA graphs); compiled once per backend and device."""
+        backend = "inductor" if compile is True else str(compile)
+        cuda_graphs = backend == "inductor" and device.type == "cuda"
+        key = (backend, device.type)
+        if key not in self._decoders:
+            self._decoders[key] = torch.compile(self._decode_step, backend=backend, fullgraph=True,
+                                                mode="reduce-overhead" if cuda_graphs else None)
+        return self._decoders[key], cuda_graphs
+
+    def __getstate__(self) -> dict:
+        # copies (deepcopy, pickle) compile their own decoding step: a compiled function holds this instance
+        state = dict(self.__dict__)
+        state["_decoders"] = {}
+        return state
+
+
+DECODE_BUCKET = 256  # compiled decoding: cache capacities are rounded up to a multiple of this
 
 
 def _eager_even_if_compiled() -> contextlib.AbstractContextManager:
-    """Run blocks that the engine compiled (train.compile) eagerly: the cache length and the key count change
-    at every decoding step, so compiled blocks would recompile until dynamo's limit and then fall back anyway."""
+    """Run blocks that the engine compiled (train.compile) eagerly: a prompt's length is new at every call, so
+    compiled blocks would recompile until dynamo's limit and then fall back anyway."""
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()

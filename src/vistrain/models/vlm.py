@@ -108,19 +108,26 @@ class VisionLanguageModel(nn.Module):
         return embeds_BTD.masked_scatter(is_image_BT.unsqueeze(-1), features.to(embeds_BTD.dtype))
 
     def forward(self, input_ids_BT: Tensor, pixel_values_NCHW: Optional[Tensor] = None,
-                position_ids_BT: Optional[Tensor] = None, doc_ids_BT: Optional[Tensor] = None) -> Tensor:
+                position_ids_BT: Optional[Tensor] = None, doc_ids_BT: Optional[Tensor] = None,
+                labels_BT: Optional[Tensor] = None) -> Tensor:
+        """Logits (B, T, V); with labels_BT (-100: no label), the float32 cross entropy summed over the labelled
+        next tokens instead, computed without the logits (LanguageModel.next_token_loss). In the forward, so
+        that FSDP has the tied head's weight gathered."""
         embeds_BTD = self.embed(input_ids_BT, pixel_values_NCHW)
-        return self.lm(inputs_embeds_BTD=embeds_BTD, position_ids_BT=position_ids_BT, doc_ids_BT=doc_ids_BT)
+        return self.lm(inputs_embeds_BTD=embeds_BTD, position_ids_BT=position_ids_BT, doc_ids_BT=doc_ids_BT,
+                       labels_BT=labels_BT)
 
     @torch.no_grad()
     def generate(self, input_ids_BT: Tensor, pixel_values_NCHW: Optional[Tensor], max_new_tokens: int,
                  eos_token_id: Optional[int] = None, greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 0.0, generator: Optional[torch.Generator] = None) -> Tensor:
-        """New token ids (B, <= max_new_tokens) after the prompt, with the decoder's KV cache."""
+                 top_p: float = 0.0, generator: Optional[torch.Generator] = None,
+                 compile: bool | str = False) -> Tensor:
+        """New token ids (B, <= max_new_tokens) after the prompt, with the decoder's KV cache; compile: the
+        decoding step compiled (LanguageModel.generate)."""
         embeds_BTD = self.embed(input_ids_BT, pixel_values_NCHW)
         return self.lm.generate(inputs_embeds_BTD=embeds_BTD, max_new_tokens=max_new_tokens,
                                 eos_token_id=eos_token_id, greedy=greedy, temperature=temperature, top_k=top_k,
-                                top_p=top_p, generator=generator)
+                                top_p=top_p, generator=generator, compile=compile)
 
     # ------------------------------------------------------------------------------------- files
 

@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vistrain.config import ExperimentConfig
@@ -292,8 +291,7 @@ class VLMTask(Task):
 
     def loss(self, nets, batch) -> PhaseLoss:
         input_ids = batch["input_ids"]
-        logits_BTV = nets["vlm"](input_ids, batch["pixel_values"], batch["position_ids"], batch["doc_ids"])
-        loss_sum, count = _next_token_loss(logits_BTV, batch["labels"])
+        loss_sum, count = _next_token_loss(nets["vlm"], batch, batch["position_ids"])
         B, T = input_ids.shape
         metrics = {"loss": loss_sum.detach(),
                    "images_per_sample": (batch["num_images"], batch["num_samples"]),
@@ -320,8 +318,7 @@ class VLMTask(Task):
             idx = mine[start:start + 8]
             samples = [s for s in (self.encoder.encode(self.val_set[i]) for i in (idx or [0])) if s is not None]
             batch = _to(collate_padded(samples, self.pad_id), self.device)
-            logits = model(batch["input_ids"], batch["pixel_values"], None, batch["doc_ids"])
-            loss_sum, count = _next_token_loss(logits, batch["labels"])
+            loss_sum, count = _next_token_loss(model, batch, None)
             if idx:
                 total += torch.stack([loss_sum.float(), count.float()])
         if dist.is_initialized() and world > 1:
@@ -470,12 +467,12 @@ def import_nanovlm(folder: str, tokenizer_dir: Optional[str] = None) -> tuple[di
     return model_config, weights, tokenizer_assets(tokenizer)
 
 
-def _next_token_loss(logits_BTV: Tensor, labels_BT: Tensor) -> tuple[Tensor, Tensor]:
-    """Cross entropy summed over the labelled next tokens, and their count (a device tensor, no sync)."""
-    logits, labels = logits_BTV[:, :-1].float(), labels_BT[:, 1:]
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, (labels != IGNORE_INDEX).sum()
+def _next_token_loss(model: nn.Module, batch: dict, position_ids: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Cross entropy summed over the labelled next tokens, computed by the model without the full logits (its
+    labels ignore -100, IGNORE_INDEX), and their count (a device tensor, no sync)."""
+    labels = batch["labels"]
+    loss_sum = model(batch["input_ids"], batch["pixel_values"], position_ids, batch["doc_ids"], labels_BT=labels)
+    return loss_sum, (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def _to(batch: dict, device: torch.device) -> dict:
