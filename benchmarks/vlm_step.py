@@ -3,11 +3,12 @@
 1. The digits model on the digits data: the same samples as packed rows (several samples per row, each
    attending only within itself) and unpacked (one sample per row, padded to the longest): useful
    (non-pad) tokens/s, ms/step, packing efficiency (non-pad / all tokens).
-2. A nanoVLM-460M-shaped model (SigLIP2-B/16-512 + SmolLM2-360M, random weights) on synthetic packed rows:
-   ms/step and tokens/s (and MFU on a GPU whose peak is known).
-3. The packer: samples/s through encoding (tokenise, tile the images) and packing into rows.
+2. The packer: samples/s through encoding (tokenise, tile the images) and packing into rows.
 
-    python benchmarks/vlm_step.py [--steps 5] [--seq-460m 1024] [--skip-460m]
+The nanoVLM-222M and -460M shapes, through the engine and beside nanoVLM itself (MFU at the recipe's
+micro-batch): benchmarks/vs_nanovlm.py.
+
+    python benchmarks/vlm_step.py [--steps 5] [--rows 8] [--seq 256]
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from vistrain.data.vqa import (
     ImageProcessor,
@@ -32,7 +32,6 @@ from vistrain.data.vqa import (
     vqa_special_tokens,
     vqa_texts,
 )
-from vistrain.engine.metrics import device_peak_tflops
 from vistrain.models.llama import LlamaConfig
 from vistrain.models.vit import ViTConfig
 from vistrain.models.vlm import VisionLanguageModel, VLMConfig
@@ -46,10 +45,9 @@ def sync(device: torch.device) -> None:
 def step_time(model, opt, batch, steps: int, device: torch.device, autocast) -> float:
     def step() -> None:
         with autocast():
-            logits = model(batch["input_ids"], batch["pixel_values"], batch.get("position_ids"), batch.get("doc_ids"))
-        labels = batch["labels"][:, 1:]
-        F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                        ignore_index=-100).backward()
+            loss_sum = model(batch["input_ids"], batch["pixel_values"], batch.get("position_ids"), batch.get("doc_ids"),
+                             labels_BT=batch["labels"])
+        loss_sum.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -86,9 +84,6 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=8, help="packed rows per digits step")
     parser.add_argument("--seq", type=int, default=256, help="digits packed row length")
-    parser.add_argument("--seq-460m", type=int, default=1024, help="460M-shaped row length (4096 on a GPU)")
-    parser.add_argument("--rows-460m", type=int, default=1)
-    parser.add_argument("--skip-460m", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda"
@@ -119,7 +114,7 @@ def main() -> int:
         print(f"| {name} | {B} x {T} | {len(samples)} | {useful / (B * T):.2f} | {1e3 * seconds:.0f} | "
               f"{useful / seconds:,.0f} |")
 
-    # 3. the packer
+    # 2. the packer
     t0 = time.perf_counter()
     n = 0
     for bin_ in order.keys(args.rows, 64):
@@ -133,31 +128,6 @@ def main() -> int:
     print(f"\npacker: {packer:,.0f} samples/s encoded and packed into rows (one process); the packing plan "
           f"alone: {planned:,.0f} samples/s")
 
-    # 2. the 460M shape, synthetic packed rows
-    if not args.skip_460m:
-        vision = ViTConfig()  # SigLIP2-base-patch16-512
-        lm = LlamaConfig(vocab_size=49218, hidden_size=960, intermediate_size=2560, num_layers=32, num_heads=15,
-                         num_kv_heads=5)
-        big = VLMConfig(vision, lm, pixel_shuffle_factor=4, image_token_id=49152)
-        model = VisionLanguageModel(big).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-        T, B = args.seq_460m, args.rows_460m
-        tiles = max(1, T // 512)  # one 512 px tile (64 tokens) per ~512 tokens of text
-        ids = torch.randint(0, 49152, (B, T))
-        for b in range(B):
-            for t in range(tiles):
-                ids[b, t * 512:t * 512 + big.image_token_length] = big.image_token_id
-        doc = torch.arange(T).div(512, rounding_mode="floor").expand(B, T)
-        batch = to({"input_ids": ids, "labels": ids.clone(), "pixel_values": torch.randn(B * tiles, 3, 512, 512),
-                    "doc_ids": doc.contiguous(), "position_ids": None}, device)
-        seconds = step_time(model, opt, batch, max(2, args.steps // 2), device, autocast)
-        n_lm = sum(p.numel() for p in model.lm.parameters())
-        flops = (6 * n_lm + 12 * lm.num_layers * lm.hidden_size * T) * B * T
-        peak = device_peak_tflops(device, "bf16" if bf16 else "fp32")
-        mfu = f"{100 * flops / seconds / (peak * 1e12):.1f}%" if peak else "n/a (peak unknown)"
-        n_all = sum(p.numel() for p in model.parameters())
-        print(f"\nnanoVLM-460M shape ({n_all / 1e6:.0f}M), {B} packed row(s) x {T} tokens, {B * tiles} tiles: "
-              f"{1e3 * seconds:.0f} ms/step, {B * T / seconds:,.0f} tokens/s, MFU (decoder FLOPs) {mfu}")
     return 0
 
 
