@@ -19,11 +19,13 @@ The training step, on each side as its own code runs it:
 Same global batch, micro-batch, row length, precision (fp32 on a CPU, bf16 on a GPU) and optimizer settings.
 Rounds alternate between the two sides, each side built afresh in every round; the table gives medians over
 every measured step of every round. Useful tokens are the samples' own tokens (no padding), counted by each
-side (nanoVLM: its attention mask; vistrain: its rows' num_tokens). MFU counts the decoder's 6N + attention
-FLOPs per useful token (the VLM task's flops_per_token) for both sides, on GPUs whose peak is known. Peak memory
-is CUDA's max_memory_allocated over each side's whole run (model, optimizer, data, steps).
+side (nanoVLM: its attention mask; vistrain: its rows' num_tokens). Peak memory is CUDA's max_memory_allocated
+over each side's whole run (model, optimizer, data, steps). MFU counts the decoder's 6N + attention FLOPs per
+useful token (the VLM task's flops_per_token, what the engine logs as mfu) and, in its own column, the vision
+tower's too (6N + attention per patch, times each side's image tiles per useful token), on GPUs whose peak is
+known.
 
-Generation: one image + a question, batch 1, greedy, exactly --gen-tokens new tokens (no early stop on either
+Generation: one image + a question, batch 1, greedy, exactly the shape's gen_tokens (no early stop on either
 side): nanoVLM's VisionLanguageModel.generate (its KV cache grows by concatenation) against vistrain's
 VisionLanguageModel.generate with its static cache and the decoding step compiled (--gen-compile; CUDA graphs
 on a GPU). On a GPU both run with bf16 weights. The first call of each side is a warm-up (vistrain's includes
@@ -219,11 +221,19 @@ class Steps:
     seconds: list[float] = dataclasses.field(default_factory=list)
     tokens: list[float] = dataclasses.field(default_factory=list)
     peak_mb: list[float] = dataclasses.field(default_factory=list)
+    tiles: int = 0  # image tiles and useful tokens of micro-batches counted apart: the vision tower's share
+    tile_tokens: int = 0
 
     def extend(self, other: Steps) -> None:
         self.seconds += other.seconds
         self.tokens += other.tokens
         self.peak_mb += other.peak_mb
+        self.tiles += other.tiles
+        self.tile_tokens += other.tile_tokens
+
+    @property
+    def tiles_per_token(self) -> float:
+        return self.tiles / max(self.tile_tokens, 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -250,19 +260,30 @@ def peak_memory_mb(device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def flops_per_token(lm_params: int, shape: Shape) -> float:
-    """The VLM task's count: the decoder's 6N + 12 L D T per token (the vision tower left out)."""
-    return 6 * lm_params + 12 * shape.lm_layers * shape.lm_hidden * shape.seq_length
-
-
-def lm_parameters(shape: Shape) -> int:
+def flops_per_token(shape: Shape) -> float:
+    """The VLM task's count (its flops_per_token, what the engine's mfu uses): the decoder's 6N + 12 L D T per
+    token, the vision tower left out."""
     from vistrain.models.llama import LanguageModel, LlamaConfig
 
     with torch.device("meta"):
         lm = LanguageModel(LlamaConfig(vocab_size=shape.vocab + NANOVLM_EXTRA_TOKENS, hidden_size=shape.lm_hidden,
                                        intermediate_size=shape.lm_inter, num_layers=shape.lm_layers,
                                        num_heads=shape.lm_heads, num_kv_heads=shape.lm_kv_heads))
-    return sum(p.numel() for p in lm.parameters())
+    n_lm = sum(p.numel() for p in lm.parameters())
+    return 6 * n_lm + 12 * shape.lm_layers * shape.lm_hidden * shape.seq_length
+
+
+def flops_per_tile(shape: Shape) -> float:
+    """The vision tower and the projector, the same count per patch: 6N + 12 L D P for P patches of a tile."""
+    from vistrain.models.vit import ViTConfig, VisionTransformer
+
+    with torch.device("meta"):
+        vit = VisionTransformer(ViTConfig(image_size=shape.tile, patch_size=shape.patch, hidden_size=shape.vit_hidden,
+                                          intermediate_size=shape.vit_inter, num_layers=shape.vit_layers,
+                                          num_heads=shape.vit_heads))
+    patches = (shape.tile // shape.patch) ** 2
+    n = sum(p.numel() for p in vit.parameters()) + shape.vit_hidden * shape.shuffle**2 * shape.lm_hidden
+    return patches * (6 * n + 12 * shape.vit_layers * shape.vit_hidden * patches)
 
 
 # ------------------------------------------------------------------------------------------------ vistrain
@@ -301,12 +322,14 @@ def vistrain_round(shape: Shape, stand_ins: StandIns, device: torch.device, prec
     trainer = make_trainer(cfg, DistContext(rank=0, world_size=1, local_rank=0, device=device))
     trainer.fit()
     peak = peak_memory_mb(device)
+    more = [next(trainer.task.phases[0].data) for _ in range(4)]  # tiles per useful token of its packed rows
     del trainer
     events = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e.get("split") == "train" and e["step"] > shape.warmup]
     # packing_efficiency: the step's useful tokens over all its rows' tokens
     tokens = [e["packing_efficiency"] * shape.batch * shape.seq_length for e in train]
-    return Steps(seconds=[e["time/step_s"] for e in train], tokens=tokens, peak_mb=[peak] if peak is not None else [])
+    return Steps(seconds=[e["time/step_s"] for e in train], tokens=tokens, peak_mb=[peak] if peak is not None else [],
+                 tiles=sum(b["pixel_values"].shape[0] for b in more), tile_tokens=sum(b["num_tokens"] for b in more))
 
 
 def vistrain_generation(checkpoint: Path, image: Any, prompt: str, shape: Shape, device: torch.device,
@@ -319,8 +342,8 @@ def vistrain_generation(checkpoint: Path, image: Any, prompt: str, shape: Shape,
     encoded = encode_question(encoder, [image], prompt)
     ids, pixels = encoded["input_ids"][None].to(device), encoded["pixel_values"].to(device, dtype)
 
-    def generate() -> torch.Tensor:
-        return model.generate(ids, pixels, max_new_tokens=shape.gen_tokens, compile=compile_decode)
+    def generate(compile: bool | str = compile_decode) -> torch.Tensor:
+        return model.generate(ids, pixels, max_new_tokens=shape.gen_tokens, compile=compile)
 
     return generate, ids.shape[1]
 
@@ -414,10 +437,12 @@ class NanoVLM:
                 (loss / accum).backward()
                 loss.item()  # train.py reads the loss and the token count of every micro-batch
                 tokens += torch.sum(attention_mask).item()
+                steps.tiles += sum(image.shape[0] for row in batch["images"] for image in row)
             torch.nn.utils.clip_grad_norm_(params, max_norm=train_cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
             sync(device)
+            steps.tile_tokens += tokens
             if step >= shape.warmup:
                 steps.seconds.append(time.perf_counter() - t0)
                 steps.tokens.append(tokens)
@@ -470,6 +495,10 @@ def fmt(value: Optional[float], spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def percent(fraction: Optional[float]) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def measure_shape(shape: Shape, args: argparse.Namespace, nanovlm: Optional[NanoVLM], device: torch.device) -> dict:
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     compile_mode = args.compile or ("blocks" if device.type == "cuda" else "false")
@@ -495,11 +524,17 @@ def measure_shape(shape: Shape, args: argparse.Namespace, nanovlm: Optional[Nano
             from vistrain.engine.metrics import device_peak_tflops
 
             peak_tflops = device_peak_tflops(device, precision)
-        flops = flops_per_token(lm_parameters(shape), shape)
+        lm_flops, tile_flops = flops_per_token(shape), flops_per_tile(shape)
+
+        def mfu(flops: float, rate: float) -> Optional[float]:
+            return flops * rate / (peak_tflops * 1e12) if peak_tflops else None
+
         sides = {"vistrain": ours} | ({"nanoVLM": theirs} if nanovlm is not None else {})
         result["train"] = {name: {"tokens_per_s": s.tokens_per_s, "ms_per_step": s.ms_per_step,
                                   "peak_memory_mb": max(s.peak_mb) if s.peak_mb else None,
-                                  "mfu": flops * s.tokens_per_s / (peak_tflops * 1e12) if peak_tflops else None,
+                                  "mfu": mfu(lm_flops, s.tokens_per_s),
+                                  "mfu_both_towers": mfu(lm_flops + s.tiles_per_token * tile_flops, s.tokens_per_s),
+                                  "tiles_per_1k_tokens": 1000 * s.tiles_per_token,
                                   "tokens_per_step": statistics.median(s.tokens)}
                            for name, s in sides.items()}
 
@@ -521,6 +556,9 @@ def measure_shape(shape: Shape, args: argparse.Namespace, nanovlm: Optional[Nano
                     rates[name].append(time_generation(generate, shape.gen_tokens, device))
             result["generate"] = {name: {"tokens_per_s": statistics.median(rates[name]), "first_call_s": warmup[name],
                                          "prompt_tokens": generators[name][1]} for name in generators}
+            # the compiled decoding's tokens against eager decoding's (rounding may flip a near tie in bf16)
+            ours = generators["vistrain"][0]
+            result["generate"]["vistrain"]["same_as_eager"] = int((ours() == ours(compile=False)).sum())
     return result
 
 
@@ -529,34 +567,37 @@ def print_tables(results: list[dict], device_name: str) -> list[float]:
     ratios = []
     print(f"\nVLM training step and greedy generation, vistrain beside nanoVLM, on {device_name}, torch "
           f"{torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
-    print("| shape | side | useful tokens/s | ms/step | tokens/step | peak memory (MiB) | MFU |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | side | useful tokens/s | ms/step | tokens/step | tiles/1k tokens | peak memory (MiB) | MFU "
+          "(decoder) | MFU (both towers) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for res in results:
         shape, train = res["shape"], res["train"]
         label = (f"{shape['name']} ({shape['micro']} x {shape['seq_length']} rows, batch {shape['batch']}, "
                  f"{res['precision']}, compile {res['compile']})")
         for side, m in train.items():
             print(f"| {label} | {side} | {m['tokens_per_s']:,.0f} | {m['ms_per_step']:,.0f} | "
-                  f"{m['tokens_per_step']:,.0f} | {fmt(m['peak_memory_mb'], ',.0f')} | "
-                  f"{fmt(None if m['mfu'] is None else 100 * m['mfu'], '.1f')}{'%' if m['mfu'] else ''} |")
+                  f"{m['tokens_per_step']:,.0f} | {m['tiles_per_1k_tokens']:.1f} | {fmt(m['peak_memory_mb'], ',.0f')} | "
+                  f"{percent(m['mfu'])} | {percent(m['mfu_both_towers'])} |")
         if "nanoVLM" in train:
             ratio = train["vistrain"]["tokens_per_s"] / train["nanoVLM"]["tokens_per_s"]
             ratios.append(ratio)
-            print(f"| {label} | vistrain / original | {ratio:.2f}x | | | | |")
+            print(f"| {label} | vistrain / original | {ratio:.2f}x | | | | | | |")
     if any("generate" in res for res in results):
-        print("\n| shape | side | greedy tokens/s | first call (s) | prompt tokens |")
-        print("|---|---|---|---|---|")
+        print("\n| shape | side | greedy tokens/s | first call (s) | prompt tokens | tokens equal to eager decoding |")
+        print("|---|---|---|---|---|---|")
         for res in results:
             if "generate" not in res:
                 continue
             gen, name = res["generate"], res["shape"]["name"]
             label = f"{name} (batch 1, {res['shape']['gen_tokens']} new tokens)"
             for side, m in gen.items():
-                print(f"| {label} | {side} | {m['tokens_per_s']:,.1f} | {m['first_call_s']:.1f} | {m['prompt_tokens']} |")
+                same = f"{m['same_as_eager']} of {res['shape']['gen_tokens']}" if "same_as_eager" in m else ""
+                print(f"| {label} | {side} | {m['tokens_per_s']:,.1f} | {m['first_call_s']:.1f} | {m['prompt_tokens']} "
+                      f"| {same} |")
             if "nanoVLM" in gen:
                 ratio = gen["vistrain"]["tokens_per_s"] / gen["nanoVLM"]["tokens_per_s"]
                 ratios.append(ratio)
-                print(f"| {label} | vistrain / original | {ratio:.2f}x | | |")
+                print(f"| {label} | vistrain / original | {ratio:.2f}x | | | |")
     return ratios
 
 

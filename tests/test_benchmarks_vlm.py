@@ -44,6 +44,7 @@ def test_vistrain_half_at_the_tiny_shape(bench, tmp_path, capsys, monkeypatch):
     assert 0.5 * 4 * 128 < train["tokens_per_step"] <= 4 * 128
     assert train["tokens_per_s"] > 0 and train["ms_per_step"] > 0 and train["mfu"] is None  # no peak on a CPU
     assert generate["tokens_per_s"] > 0 and generate["prompt_tokens"] > 16  # one tile of image tokens at least
+    assert generate["same_as_eager"] == 4  # the compiled decoding (backend eager here) agrees with eager
 
 
 def test_the_stand_in_tokenizer_has_the_vocabulary_asked_for(bench, tmp_path):
