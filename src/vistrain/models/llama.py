@@ -163,7 +163,7 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
         self.position: Tensor | None = None  # (1,) long on the model's device, == length
-        self.static_addresses = False  # mark the buffers for CUDA graphs (compiled decoding on CUDA)
+        self.static_addresses = False  # mark the buffers static (compiled decoding: CUDA graphs replay them)
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
 
@@ -193,6 +193,12 @@ class KVCache:
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
         self.position.add_(num_tokens)
+
+    def reset(self) -> None:
+        """Empty, keeping its buffers: stale slots are never seen (the mask stops at the position)."""
+        self.length = 0
+        if self.position is not None:
+            self.position.zero_()
 
     def _mark_static(self, t: Tensor) -> Tensor:
         # CUDA graphs replay fixed addresses: buffers written in place must be marked so, or torch.compile's
@@ -370,6 +376,7 @@ class LanguageModel(nn.Module):
         # masks) between calls. A plain attribute, not a buffer: nothing to checkpoint.
         self._causal_mask: AttentionMask | None = None
         self._decoders: dict[tuple[str, str], Callable] = {}  # generate(compile=...): compiled decoding steps
+        self._caches: dict[tuple, KVCache] = {}  # ... and their caches, reused from call to call
         self.init_weights()
 
     @torch.no_grad()
@@ -567,11 +574,12 @@ class LanguageModel(nn.Module):
         capacity = T + max_new_tokens - 1  # the last new token is never fed back
         if compile:  # a bucket of capacities shares one compiled graph
             capacity = -(-capacity // DECODE_BUCKET) * DECODE_BUCKET
-        cache = KVCache(capacity)
         decode, cuda_graphs = self._decode_step, False
         if compile:
             decode, cuda_graphs = self._compiled_decode(compile, x_BTD.device)
-            cache.static_addresses = cuda_graphs
+            cache = self._reused_cache(capacity, B, x_BTD)
+        else:
+            cache = KVCache(capacity)
         with _eager_even_if_compiled():  # the prompt's pass: its length is new at every call
             h_BTD = self.hidden_states(inputs_embeds_BTD=x_BTD, kv_cache=cache)
         logits_BV = self.logits(h_BTD[:, -1]).float()
@@ -621,10 +629,23 @@ class LanguageModel(nn.Module):
                                                 mode="reduce-overhead" if cuda_graphs else None)
         return self._decoders[key], cuda_graphs
 
+    def _reused_cache(self, capacity: int, batch: int, x_BTD: Tensor) -> KVCache:
+        """The cache of every compiled generate call of this capacity, batch, dtype and device, emptied: its
+        buffers keep their addresses from call to call, which CUDA graphs replay (new buffers would have the
+        graphs recorded anew)."""
+        key = (capacity, batch, x_BTD.dtype, x_BTD.device)
+        if key not in self._caches:
+            self._caches[key] = KVCache(capacity)
+            self._caches[key].static_addresses = True
+        cache = self._caches[key]
+        cache.reset()
+        return cache
+
     def __getstate__(self) -> dict:
-        # copies (deepcopy, pickle) compile their own decoding step: a compiled function holds this instance
+        # copies (deepcopy, pickle) compile their own decoding step and make their own caches: a compiled
+        # function holds this instance
         state = dict(self.__dict__)
-        state["_decoders"] = {}
+        state["_decoders"], state["_caches"] = {}, {}
         return state
 
 
