@@ -293,6 +293,27 @@ def test_the_loss_never_makes_the_logits_of_every_token() -> None:
     assert mode.rows == 64  # the plain logits: every one of the 4 x 16 tokens
 
 
+def test_the_loss_under_no_grad_makes_no_gradients() -> None:
+    """Evaluation: one product with the head per chunk, not three (the logits and the two gradients)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Matmuls(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.count += getattr(func, "__name__", "") in ("__matmul__", "matmul", "mm")
+            return func(*args, **(kwargs or {}))
+
+    h, w = torch.randn(10, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (10,))
+    with torch.no_grad(), Matmuls() as mode:
+        evaluated = linear_cross_entropy(h, w, labels, chunk_size=4)
+    assert mode.count == 3  # 3 chunks
+    with Matmuls() as mode:
+        trained = linear_cross_entropy(h, w, labels, chunk_size=4)
+    assert mode.count == 9 and torch.equal(evaluated, trained.detach())
+
+
 # ---------------------------------------------------------------------------------------------------
 # packed rows (nanoVLM issue 201)
 

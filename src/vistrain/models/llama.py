@@ -226,16 +226,18 @@ def linear_cross_entropy(h_ND: Tensor, weight_VD: Tensor, labels_N: Tensor, igno
     autocast the matmuls run in the autocast dtype, as F.linear's would; the softmax always in float32.
     """
     rows = (labels_N != ignore_index).nonzero().squeeze(1)  # a host sync: the labelled rows size the work
+    # under no_grad (evaluation) the gradients are not computed: the Function cannot tell, its inputs still
+    # require grad
     return _LinearCrossEntropy.apply(h_ND.index_select(0, rows), weight_VD, labels_N.index_select(0, rows),
-                                     chunk_size)
+                                     chunk_size, torch.is_grad_enabled())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND: Tensor, weight_VD: Tensor, labels_N: Tensor, chunk_size: int) -> Tensor:
+    def forward(ctx, h_ND: Tensor, weight_VD: Tensor, labels_N: Tensor, chunk_size: int, grad: bool) -> Tensor:
         device = h_ND.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h_ND.dtype
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
         ctx.dtypes = h_ND.dtype, weight_VD.dtype
         exact = torch.promote_types(dtype, torch.float32)  # the softmax and the sums: float32, or float64
         with torch.autocast(device, enabled=False):
@@ -262,12 +264,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         grad_h_ND, grad_w_VD = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         grad_h = None if grad_h_ND is None else (grad_h_ND * grad_loss.to(grad_h_ND.dtype)).to(h_dtype)
         grad_w = None if grad_w_VD is None else (grad_w_VD * grad_loss).to(w_dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
