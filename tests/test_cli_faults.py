@@ -13,7 +13,7 @@ from PIL import Image
 from standin_detector import TwoHeaded, save_scripted
 
 import var_golden as golden
-from vistrain import cli, evaluate
+from vistrain import cli
 from vistrain.config import load_config
 from vistrain.engine import checkpoint as ckpt_lib
 
@@ -138,7 +138,7 @@ def no_scoring(monkeypatch):
     def scoring(*args, **kwargs):
         raise AssertionError("scored before the output path was checked")
 
-    monkeypatch.setattr(evaluate, "evaluate", scoring)
+    monkeypatch.setattr(cli.evaluate, "evaluate", scoring)
 
 
 def test_eval_checks_out_before_any_work_and_never_writes_into_a_checkpoint(runs, tmp_path, capsys, no_scoring):
@@ -285,7 +285,7 @@ def test_a_reference_too_small_for_the_metric_is_refused_before_generating(runs,
     def load_weights(*args, **kwargs):  # loading the weights comes right before generating
         raise AssertionError("generation started")
 
-    monkeypatch.setattr(evaluate.ckpt_lib, "load_weights", load_weights)
+    monkeypatch.setattr(ckpt_lib, "load_weights", load_weights)
     refused(runs, capsys, ["eval", runs["gan"], "--metrics", "pr", "--ref", runs["three_images"], "--detector",
                            runs["detector"], "--num-images", 20000, "--out", runs["three_images"].parent / "pr.json"],
             2, f"reference {runs['three_images']} holds 3 images; pr needs at least 4")
@@ -326,9 +326,9 @@ def test_generated_images_that_are_not_finite_are_not_scored(runs):
 
 
 def test_import_vlm_refuses_a_path_that_is_not_a_folder_at_once_naming_the_flag(runs, tmp_path, capsys, monkeypatch):
-    import vistrain.tasks.vlm as vlm
+    import vistrain.interop.vlm_parts as vlm_parts
 
-    monkeypatch.setattr(vlm, "import_hf", lambda *a: pytest.fail("import_hf was called"))
+    monkeypatch.setattr(vlm_parts, "import_hf", lambda *a: pytest.fail("import_hf was called"))
     refused(runs, capsys, ["import", "vlm", "--vision", tmp_path, "--lm", "hf/nope", "--out", tmp_path / "out"], 2,
             "--lm hf/nope is not a folder")
     refused(runs, capsys, ["train", VLM, *TINY_VLM, f"run.out_dir={tmp_path / 'new'}", "model.lm_from=hf/nope"], 2,

@@ -16,6 +16,7 @@ from test_var_task import TINY_VQVAE
 from vistrain import cli
 from vistrain.config import load_config
 from vistrain.engine.dist import DistContext
+from vistrain.cli.evaluate import eval_command
 from vistrain.tasks import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_eval_jobs_beside_training_run_vistrain_eval_and_log_on_their_own_axis(t
         *TINY_GAN, f"run.out_dir={run}", "train.max_steps=10", "train.ckpt_every=5", "train.eval_every=10",
         "eval.mode=local", "eval.metrics=[fid,kid]", f"eval.ref={digits_folder}", f"eval.detector={detector}",
         "eval.num_samples=40", "eval.batch_size=20", "eval.device=cpu", "eval.best=fid"])
-    make_trainer(cfg, CPU).fit()  # a finished run waits for its last jobs
+    make_trainer(cfg, CPU, eval_command=eval_command(cfg)).fit()  # a finished run waits for its last jobs
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in records if r["split"] == "eval"}
     assert sorted(evals) == [5, 10] and all(r["fid"] > 0 and "kid_mean" in r for r in evals.values())

@@ -113,11 +113,13 @@ def test_greedy_answers_are_deterministic_strings_and_those_of_vistrain_generate
     assert lm.generate_until(requests) == answers
     assert lm.generate_until([generate_request(RED, {})]) == ["a red square"]  # the defaults are greedy too
     # the same prompt as `vistrain generate` builds: images before the text, one ChatML user turn
-    from vistrain.tasks.vlm import generate
+    from vistrain.tasks.capabilities import Prompt
+    from vistrain.tasks.vlm_inference import VLMAnswerer
 
     image = tmp_path / "red.png"
     DOCS[RED]["image"].save(image)
-    assert generate(folder, [str(image)], QUESTION, 8, True, 1.0, 0, 0.0, 0, torch.device("cpu")) == answers[0]
+    prompt = Prompt(QUESTION, [str(image)], max_new_tokens=8)
+    assert VLMAnswerer().answer(folder, prompt, torch.device("cpu")) == answers[0]
     # doc_to_visual may give paths, a bare image, or nothing (a text-only task)
     assert lm.generate_until([generate_request(RED, greedy, visual=lambda doc: [str(image)]),
                               generate_request(RED, greedy, visual=lambda doc: doc["image"])]) == [answers[0]] * 2

@@ -45,7 +45,7 @@ from vistrain.data.vqa_images import ImageProcessor
 from vistrain.data.vqa_text import VQAEncoder
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.models.vlm import VisionLanguageModel
-from vistrain.tasks.vlm import load_for_generation
+from vistrain.tasks.vlm_inference import load_for_generation
 
 DATA = Path(__file__).resolve().parent / "data" / "nanovlm_tiny"
 REF = json.loads((DATA / "reference.json").read_text())

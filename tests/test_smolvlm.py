@@ -29,9 +29,11 @@ from vistrain.data.vqa_images import ImageProcessor
 from vistrain.data.vqa_text import VQAEncoder, smolvlm_special_tokens
 from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine.dist import DistContext
+from vistrain.interop.tokenizers import tokenizer_assets
+from vistrain.interop.vlm_parts import build_vlm
 from vistrain.models.vlm import PixelShuffleProjector, VisionLanguageModel
 from vistrain.tasks import make_trainer
-from vistrain.tasks.vlm import answer_ids, build_vlm, encode_question, load_for_generation, tokenizer_assets
+from vistrain.tasks.vlm_inference import answer_ids, encode_question, load_for_generation
 
 transformers = pytest.importorskip("transformers")
 

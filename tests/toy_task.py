@@ -24,6 +24,7 @@ from vistrain.data.sampler import StreamOrder
 from vistrain.engine.optim import OptimConfig
 from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
 from vistrain.tasks import TaskSpec, register
+from vistrain.tasks.capabilities import ImageSampler
 
 
 class PairsDataset(torch.utils.data.Dataset):
@@ -142,7 +143,7 @@ class ToyTask(Task):
         return EvalResult(metrics={"score": 1.0 / step} if self.cfg.toy.score else {})
 
     def model_config(self):
-        return {"task": "toy_task", "width": self.cfg.toy.width}
+        return {"task": "toy_task", "width": self.cfg.toy.width, "unused_param": self.cfg.toy.unused_param}
 
     def state_dict(self):
         if self.env.dist.rank == 0 and self.step == self.cfg.toy.sigterm_at_step:
@@ -154,4 +155,20 @@ class ToyTask(Task):
         self.data.load_state_dict(state["data"])
 
 
-register(TaskSpec(name="toy_task", config=Config, build=ToyTask))
+class ToySampler(ImageSampler):
+    """What a trained toy net can draw: 8 x 8 grey images whose pixels are its outputs on random inputs. Enough
+    for `vistrain sample` and `vistrain eval` to treat the toy task like any generator."""
+
+    def sample(self, model_config, weights, request, device):
+        net = MLP(width=model_config["width"], unused=model_config.get("unused_param", False))
+        net.load_state_dict({k[len("net."):]: v for k, v in weights.items() if k.startswith("net.")})
+        net.eval()
+        g = torch.Generator().manual_seed(request.seed)
+        with torch.no_grad():
+            for start in range(0, request.num, request.batch_size):
+                n = min(request.batch_size, request.num - start)
+                pixels = torch.tanh(net(torch.randn(n * 64, 8, generator=g)))
+                yield pixels.view(n, 1, 8, 8).expand(n, 3, 8, 8)
+
+
+register(TaskSpec(name="toy_task", config=Config, build=ToyTask, capabilities=(ToySampler(),)))

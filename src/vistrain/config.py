@@ -28,6 +28,7 @@ from vistrain.engine.config import EvalConfig, RunConfig, TrainConfig
 from vistrain.engine.optim import OptimConfig, validate as validate_optim
 from vistrain.errors import ConfigError
 from vistrain.outpaths import check_path_length
+from vistrain.tasks import get_spec
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "to_yaml"]
 
@@ -50,8 +51,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
     task = override_cfg.get("task", file_cfg.get("task"))
     if task is None:
         raise ConfigError(f"{path or 'the command line'} does not say which task to run: add `task: gan`")
-    from vistrain.tasks import get_spec  # here, not at the top: the tasks import this module
-
     schema = OmegaConf.structured(get_spec(str(task)).config)
     merged = _merge(schema, file_cfg, source=str(path))
     merged = _merge(merged, override_cfg, source="the command line")

@@ -41,6 +41,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from PIL import Image
+
+from vistrain.data.vqa_images import as_pil
+from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine.rundir import write_text_atomic
+from vistrain.outpaths import check_output_file
+from vistrain.tasks.vlm_inference import answer_ids, context_room, decode_answer, encode_question, load_for_generation
 
 MODEL_NAME = "vistrain"  # lmms-eval's --model name
 CLASS_NAME = "VistrainLMMS"
@@ -98,10 +105,6 @@ def cut_at_stop(text: str, until: Sequence[str]) -> str:
 def as_images(visuals: Any) -> list:
     """What a task's doc_to_visual gives (a PIL image, a path, a {bytes, path} dict, a list of them, None) as a
     list of PIL images; videos and audio are refused."""
-    from PIL import Image
-
-    from vistrain.data.vqa_images import as_pil
-
     if visuals is None:
         return []
     if not isinstance(visuals, (list, tuple)):
@@ -131,23 +134,16 @@ class VLMRunner:
     `vistrain generate` asks them. No lmms-eval in here: the adapter class below wraps it."""
 
     def __init__(self, folder: str | Path, device: Optional[str | torch.device] = None, seed: int = DEFAULT_SEED):
-        from vistrain.engine import checkpoint as ckpt_lib
-        from vistrain.tasks.vlm import load_for_generation
-
         self.folder = ckpt_lib.find_checkpoint(Path(folder))  # a run or checkpoints folder: its latest
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.tokenizer, self.encoder, self.eos_id = load_for_generation(self.folder, self.device)
         self.generator = torch.Generator(self.device).manual_seed(int(seed))
 
     def prompt(self, images: list, text: str) -> dict[str, Any]:
-        from vistrain.tasks.vlm import encode_question
-
         return encode_question(self.encoder, images, text)
 
     @torch.no_grad()
     def answer(self, images: list, text: str, settings: GenerationSettings) -> str:
-        from vistrain.tasks.vlm import answer_ids, context_room, decode_answer
-
         encoded = self.prompt(images, text)
         # a benchmark's max_new_tokens is the most it wants, not a demand: the model's context bounds it
         max_new_tokens = max(0, min(settings.max_new_tokens, context_room(self.model, encoded)))
@@ -334,10 +330,6 @@ def run_lmms_eval(folder: str | Path, tasks: str | Sequence[str], out_json: str 
     limited run are not the benchmark's. Returns what was written. Raises LmmsEvalMissing when lmms-eval's
     evaluator cannot be imported (the adapter alone installs with --no-deps; the evaluator needs the full
     install)."""
-    from vistrain.engine import checkpoint as ckpt_lib
-    from vistrain.engine.rundir import write_text_atomic
-    from vistrain.outpaths import check_output_file
-
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
         raise ValueError("no lmms-eval task given (e.g. mmstar,mmmu_val)")

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from vistrain.data.sampler import StreamOrder, hash_ints, split_key
 from vistrain.data.vqa_images import UnreadableImage
+from vistrain.errors import ConfigError
 
 IGNORE_INDEX = -100
 _BINS_TAG = 0x42494E53  # "BINS": the per-window bin shuffle, independent of StreamOrder's permutations
@@ -449,6 +450,34 @@ class StreamingPacker:
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self._chunk_start, self._emitted = int(state["samples"]), int(state["bins"])
         self._samples, self._bins, self._iterator, self._exhausted = None, [], None, False
+
+
+class StreamingMicroBatches:
+    """Micro-batches of packed rows from a streaming source; ends with the stream (the engine then stops every
+    rank together). Each rank packs its own shard, so the data position is per rank: state_dict gathers every
+    rank's with `gather` (a collective: every rank saves), and a resume on the same number of ranks takes back
+    its own."""
+
+    def __init__(self, packer: StreamingPacker, micro_batch_size: int, rank: int, world_size: int,
+                 gather: Callable[[Any], list[Any]]):
+        self.packer, self.micro_batch_size = packer, micro_batch_size
+        self.rank, self.world_size, self.gather = rank, world_size, gather
+
+    def __iter__(self) -> StreamingMicroBatches:
+        return self
+
+    def __next__(self) -> dict:
+        return collate_packed([next(self.packer) for _ in range(self.micro_batch_size)])
+
+    def state_dict(self) -> dict:
+        return {"ranks": self.gather(self.packer.state_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = state["ranks"]
+        if len(ranks) != self.world_size:
+            raise ConfigError(f"this streaming run was saved on {len(ranks)} ranks; each rank streams its own shard, "
+                              f"so it resumes on {len(ranks)} ranks only (now {self.world_size})")
+        self.packer.load_state_dict(ranks[self.rank])
 
 
 def _skip(stream: Iterable[Any], count: int) -> Iterator[Any]:

@@ -224,6 +224,11 @@ class Trainer:
         return int(seed)
 
     def _check_task(self, task: Task) -> None:
+        kind = type(task).__name__
+        for attribute in ("nets", "optimizers", "phases"):
+            if not isinstance(getattr(task, attribute, None), (dict, list)):
+                raise ConfigError(f"task {self.cfg.task!r} ({kind}) has no `{attribute}`: its __init__ must set "
+                                  f"self.{attribute} (see vistrain/engine/task.py, class Task)")
         for name, spec in task.optimizers.items():
             if spec.net not in task.trainable:
                 raise ValueError(f"optimizer {name!r} steps network {spec.net!r}, which is not in task.trainable")

@@ -20,6 +20,10 @@ from torch import Tensor
 
 from vistrain.engine.dist import DistContext, barrier, gather_objects
 from vistrain.errors import ConfigError
+from vistrain.eval.detector import load_detector
+from vistrain.eval.digits_judge import DigitsJudge, judge_metrics
+from vistrain.eval.frechet import frechet_distance
+from vistrain.eval.stats import reference_features
 
 DETECTOR_METRICS = ("fid", "kid", "is", "pr")
 JUDGE = "judge"
@@ -89,27 +93,21 @@ class ImageScorer:
         self.metrics, self.dist = list(metrics), dist_ctx
         self.detector = None
         if any(m in DETECTOR_METRICS or m == "rfid" for m in metrics):
-            from vistrain.eval.detector import load_detector
-
             self.detector = load_detector(detector, device, batch_size=batch_size)
         self.ref = None
         if any(m in NEEDS_REF for m in metrics):
             if not ref:
                 raise ConfigError(f"{', '.join(m for m in metrics if m in NEEDS_REF)} compare with real images: "
                                   "give --ref (eval.ref): a folder of images or a statistics .npz")
-            from vistrain.eval.stats import reference_features
-
             self.ref = self._main_rank_first(lambda: reference_features(ref, self.detector, batch_size))
             self._check_reference_size()
         self.judge = None
         if JUDGE in metrics:
-            from vistrain.eval.digits_judge import DigitsJudge
-
             self.judge = self._main_rank_first(DigitsJudge.load)
 
     def _fewest(self, side: int) -> tuple[int, str]:
         """(the fewest images, the metric that needs them) of the generated (side 0) or reference (side 1) set."""
-        from vistrain.eval.metrics import MIN_IMAGES
+        from vistrain.eval.metrics import MIN_IMAGES  # here: eval/metrics.py needs the optional `eval` extra
 
         needs = {**MIN_IMAGES, JUDGE: (2, 0)}
         return max(((needs[m][side], m) for m in self.metrics if m in needs), default=(0, ""))
@@ -158,6 +156,7 @@ class ImageScorer:
         out: dict[str, float] = {}
         detector_metrics = [m for m in self.metrics if m in DETECTOR_METRICS]
         if detector_metrics:
+            # here: eval/metrics.py needs torchmetrics (the `eval` extra), which a run without FID & co. may lack
             from vistrain.eval.metrics import compute_image_metrics
 
             out.update(compute_image_metrics(detector_metrics, for_detector(), self.ref, self.detector, self.dist))
@@ -169,8 +168,6 @@ class ImageScorer:
         return self._finite(out)
 
     def _judge(self, judged: list[tuple[Tensor, Optional[Tensor]]]) -> dict[str, float]:
-        from vistrain.eval.digits_judge import judge_metrics
-
         shares = gather_objects(judged, self.dist) if self.dist is not None else [judged]
         images = torch.cat([im for share in shares for im, _ in share])
         labels = [lb for share in shares for _, lb in share]
@@ -202,8 +199,6 @@ class ImageScorer:
             raise ValueError("no images were reconstructed")
         out = {"psnr": float(total[0] / total[2]), "ssim": float(total[1] / total[2])}
         if self.detector is not None:
-            from vistrain.eval.frechet import frechet_distance
-
             real = torch.cat([f for share in shares for f in share[1]])
             fake = torch.cat([f for share in shares for f in share[2]])
             out["rfid"] = frechet_distance(fake, real)

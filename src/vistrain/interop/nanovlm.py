@@ -52,7 +52,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from vistrain.data.vqa_images import MAX_GRID_SIDE
-from vistrain.data.vqa_text import IMAGE_TOKEN, vqa_special_tokens
+from vistrain.data.vqa_text import IMAGE_TOKEN, add_vqa_special_tokens, vqa_special_tokens
 from vistrain.models.llama import LlamaConfig
 from vistrain.models.vit import ViTConfig
 from vistrain.models.vlm import WEIGHTS_PREFIX, VisionLanguageModel, VLMConfig
@@ -299,9 +299,7 @@ def read_nanovlm_weights(folder: str | Path) -> dict[str, Tensor]:
 def nanovlm_tokenizer(config: dict, tokenizer_dir: Optional[str | Path] = None, source: str = CONFIG_FILE) -> Any:
     """The base tokenizer (a local folder: `tokenizer_dir`, or config's `lm_tokenizer` if it is one) with
     nanoVLM's extra tokens and chat template, giving the ids nanoVLM gives."""
-    from transformers import AutoTokenizer
-
-    from vistrain.data.vqa_text import add_vqa_special_tokens
+    from transformers import AutoTokenizer  # here: transformers is the optional `hf` extra, and slow to import
 
     get = _Reader(config, source)
     extra = get("vlm_extra_tokens", "dict")
@@ -344,7 +342,7 @@ def nanovlm_tokenizer(config: dict, tokenizer_dir: Optional[str | Path] = None, 
 
 def import_nanovlm(folder: str | Path, tokenizer_dir: Optional[str | Path] = None) -> tuple[dict, dict, Any]:
     """(model_config, weights, tokenizer) of a vistrain model folder from a nanoVLM one; the caller saves the
-    tokenizer with it (tasks/vlm.py)."""
+    tokenizer with it (interop/tokenizers.py tokenizer_assets)."""
     folder = Path(folder)
     config = read_nanovlm_config(folder)
     source = str(folder / CONFIG_FILE)

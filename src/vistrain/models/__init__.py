@@ -1,0 +1,1 @@
+"""The networks, one file per family, plain nn.Modules that know nothing of the engine."""

@@ -35,7 +35,8 @@ from vistrain.eval.frechet import frechet_distance
 from vistrain.eval.score import balanced_share, default_best, in_loop_scorer
 from vistrain.models.diffaugment import diff_augment
 from vistrain.models.gan import DiscriminatorConfig, GeneratorConfig, build_discriminator, build_generator
-from vistrain.tasks import SampleRequest, TaskSpec, register
+from vistrain.tasks import TaskSpec, register
+from vistrain.tasks.capabilities import ImageSampler, SampleRequest
 from vistrain.tasks.gan_losses import LOSSES, discriminator_loss, generator_loss, r1_penalty
 
 
@@ -280,35 +281,38 @@ def load_generator(model_config: dict, weights: dict[str, Tensor], device: torch
     return G.to(device).eval().requires_grad_(False)
 
 
-def sample(model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
-           device: torch.device) -> Iterator[Tensor]:
-    """`request.num` images in [-1, 1] from the EMA generator, in chunks; labels cycle over the given list.
+class GanSampler(ImageSampler):
+    def num_classes(self, model_config: dict) -> int:
+        return model_config["num_classes"]
 
-    Noise is drawn chunk by chunk from one generator seeded by `request.seed`, so memory stays bounded for
-    any number of images, and the first images do not depend on how many are asked for.
-    """
-    num_classes = model_config["num_classes"]
-    labels = request.labels
-    if labels and not num_classes:
-        raise ValueError("--labels given, but this generator is unconditional")
-    if labels:
-        bad = [c for c in labels if not 0 <= c < num_classes]
-        if bad:
-            raise ValueError(f"--labels {bad} out of range: this generator has classes 0..{num_classes - 1}")
-    G = load_generator(model_config, weights, device)
-    g = torch.Generator().manual_seed(request.seed)
-    for start in range(0, request.num, request.batch_size):
-        n = min(request.batch_size, request.num - start)
-        z = torch.randn(n, G.z_dim, generator=g)
-        index = torch.arange(start, start + n)
-        y = None
-        if num_classes:
-            y = torch.tensor(labels)[index % len(labels)] if labels else index % num_classes
-        yield generate(G, z, y, device, batch_size=n)
+    def sample(self, model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
+               device: torch.device) -> Iterator[Tensor]:
+        """Images from the EMA generator; labels cycle over the given list (all classes when none).
+
+        Noise is drawn chunk by chunk from one generator seeded by `request.seed`, so memory stays bounded for
+        any number of images, and the first images do not depend on how many are asked for.
+        """
+        num_classes = model_config["num_classes"]
+        labels = request.labels
+        if labels and not num_classes:
+            raise ValueError("--labels given, but this generator is unconditional")
+        if labels:
+            bad = [c for c in labels if not 0 <= c < num_classes]
+            if bad:
+                raise ValueError(f"--labels {bad} out of range: this generator has classes 0..{num_classes - 1}")
+        G = load_generator(model_config, weights, device)
+        g = torch.Generator().manual_seed(request.seed)
+        for start in range(0, request.num, request.batch_size):
+            n = min(request.batch_size, request.num - start)
+            z = torch.randn(n, G.z_dim, generator=g)
+            index = torch.arange(start, start + n)
+            y = None
+            if num_classes:
+                y = torch.tensor(labels)[index % len(labels)] if labels else index % num_classes
+            yield generate(G, z, y, device, batch_size=n)
 
 
-register(TaskSpec(name="gan", config=GanConfig, build=GanTask, sample=sample,
-                  num_classes=lambda model_config: model_config["num_classes"], smoke_overrides=(
+register(TaskSpec(name="gan", config=GanConfig, build=GanTask, capabilities=(GanSampler(),), smoke_overrides=(
     "data.resolution=16", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
     "gan.num_samples=16", "gan.fd_samples=32",
 )))

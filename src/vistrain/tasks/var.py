@@ -43,7 +43,8 @@ from vistrain.errors import ConfigError
 from vistrain.eval.score import balanced_share, default_best, in_loop_scorer
 from vistrain.models.var import VAR, VARConfig
 from vistrain.models.vqvae import VQVAE
-from vistrain.tasks import SampleOption, SampleRequest, TaskSpec, register
+from vistrain.tasks import TaskSpec, register
+from vistrain.tasks.capabilities import ImageSampler, SampleOption, SampleRequest
 from vistrain.tasks.vqvae import load_vqvae
 
 # VAR's no-weight-decay names (besides biases, 1-D parameters, embeddings and norms, which never decay)
@@ -354,11 +355,10 @@ def sample(model_config: dict, weights: dict[str, Tensor], request: SampleReques
             yield vae.fhat_to_img(f_hat).float().cpu()
 
 
-register(TaskSpec(
-    name="var", config=VARExperimentConfig, build=VARTask, sample=sample,
-    num_classes=lambda model_config: model_config["model"]["num_classes"],
-    sample_count=lambda model_config, request: len(sample_labels(model_config, request)),
-    sample_options=(
+class VARSampler(ImageSampler):
+    """Class-conditional images: `sample` above, with VAR's own flags."""
+
+    options = (
         SampleOption("--cfg", float, 1.5, "classifier-free guidance at the last scale (ramps up from 0)",
                      valid=lambda v: math.isfinite(v) and v >= 0, rule="must be a finite number >= 0"),
         SampleOption("--top-k", int, 900, "sample among the k most likely codes (0 = off, 1 = greedy)",
@@ -368,10 +368,22 @@ register(TaskSpec(
         SampleOption("--more-smooth", bool, False, "the reference's smooth Gumbel option (for visuals, not FID)"),
         SampleOption("--num-per-class", int, None, "K images of every class (a class-balanced set; sets --num)",
                      valid=lambda v: v >= 1, rule="must be at least 1"),
-    ),
-    # --num-per-class: one row per class; labels cycling over the classes: one column per class
-    grid_columns=lambda model_config, request: (request.options.get("num_per_class")
-                                                or min(model_config["model"]["num_classes"], 10)),
-    smoke_overrides=("model.depth=2", "var.num_samples=4", "var.val_images=16"),
-))
+    )
 
+    def sample(self, model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
+               device: torch.device) -> Iterator[Tensor]:
+        return sample(model_config, weights, request, device)
+
+    def num_classes(self, model_config: dict) -> int:
+        return model_config["model"]["num_classes"]
+
+    def count(self, model_config: dict, request: SampleRequest) -> int:
+        return len(sample_labels(model_config, request))
+
+    def grid_columns(self, model_config: dict, request: SampleRequest) -> int:
+        # --num-per-class: one row per class; labels cycling over the classes: one column per class
+        return request.options.get("num_per_class") or min(model_config["model"]["num_classes"], 10)
+
+
+register(TaskSpec(name="var", config=VARExperimentConfig, build=VARTask, capabilities=(VARSampler(),),
+                  smoke_overrides=("model.depth=2", "var.num_samples=4", "var.val_images=16")))

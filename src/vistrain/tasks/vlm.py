@@ -13,7 +13,6 @@ checkpoint answers questions alone.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from vistrain.config import ExperimentConfig
 from vistrain.data.config import DataConfig
 from vistrain.data.loader import MicroBatchStream
+from vistrain.data.packing import StreamingMicroBatches
 from vistrain.data.vqa import (
     IGNORE_INDEX,
     ImageProcessor,
@@ -54,14 +54,18 @@ from vistrain.engine import checkpoint as ckpt_lib
 from vistrain.engine.dist import gather_objects
 from vistrain.engine.optim import OptimConfig
 from vistrain.engine.schedule import ScheduleConfig
-from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
+from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv, to_device
 from vistrain.errors import ConfigError
+from vistrain.interop.smolvlm import SmolVLMFormatError, to_transformers
+from vistrain.interop.tokenizers import TOKENIZER_DIR, tokenizer_assets
+from vistrain.interop.vlm_parts import build_vlm, lm_tokenizer
 from vistrain.models.llama import LlamaConfig
 from vistrain.models.vit import ViTConfig
-from vistrain.models.vlm import VisionLanguageModel, VLMConfig
+from vistrain.models.vlm import VisionLanguageModel
+from vistrain.provenance import describe
 from vistrain.tasks import TaskSpec, register
-
-TOKENIZER_DIR = "tokenizer"  # inside every checkpoint and model folder
+from vistrain.tasks.capabilities import Exporter
+from vistrain.tasks.vlm_inference import VLMAnswerer, checkpoint_tokenizer, decode_answer, image_style, load_vlm
 
 
 @dataclass
@@ -116,57 +120,6 @@ class VLMExperimentConfig(ExperimentConfig):
     model: VLMModelConfig = field(default_factory=VLMModelConfig)
     vlm: VLMTrainConfig = field(default_factory=VLMTrainConfig)
     optim: OptimConfig = field(default_factory=_vlm_optim)
-
-
-# --------------------------------------------------------------------------------------------- tokenizers
-
-
-def load_tokenizer(folder: Path) -> Any:
-    """The tokenizer saved in a local folder. Never the hub: a path that is not a folder is an error at once (given
-    a name that looks like a repo id, transformers would otherwise retry the network for a minute)."""
-    from transformers import AutoTokenizer
-
-    if not Path(folder).is_dir():
-        raise ValueError(f"{folder} is not a folder: give a local folder with the tokenizer files (vistrain does "
-                         "not download)")
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # transformers raises many kinds (OSError, ValueError, the tokenizers library's own)
-        raise ValueError(f"the tokenizer in {folder} cannot be read ({type(e).__name__}: {e})") from None
-
-
-def checkpoint_tokenizer(folder: Path) -> Any:
-    """The tokenizer of a VLM checkpoint or model folder (its tokenizer/ asset), its files checked first against
-    the checksums recorded when they were written: CheckpointError names a damaged file or the missing folder."""
-    tokenizer_dir = Path(folder) / TOKENIZER_DIR
-    if not tokenizer_dir.is_dir():
-        raise ckpt_lib.CheckpointError(f"{folder} has no {TOKENIZER_DIR}/ folder, so it is not a complete VLM "
-                                       "checkpoint or model folder: give one that vistrain wrote (train, export or "
-                                       "import)")
-    files = tuple(p.relative_to(folder).as_posix() for p in sorted(tokenizer_dir.rglob("*")) if p.is_file())
-    ckpt_lib.verify_checkpoint(Path(folder), only=files)
-    try:
-        return load_tokenizer(tokenizer_dir)
-    except ValueError as e:
-        raise ckpt_lib.CheckpointError(str(e)) from None
-
-
-def tokenizer_assets(tokenizer: Any) -> dict[str, bytes]:
-    """The tokenizer's files, as checkpoint assets under tokenizer/."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return {f"{TOKENIZER_DIR}/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-
-
-def lm_tokenizer(folder: str, key: str = "model.lm_from", layout: str = "vistrain") -> Any:
-    """A language model's own tokenizer, extended with the image tokens of an image layout; errors name `key` (the
-    key or flag)."""
-    try:
-        tokenizer = load_tokenizer(Path(folder))
-    except ValueError as e:
-        raise ConfigError(f"{key}={folder}: {e}") from None
-    add_layout_tokens(tokenizer, layout)
-    return tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ task
@@ -277,7 +230,8 @@ class VLMTask(Task):
             shard = split_dataset_by_node(self.train_set, rank=env.dist.rank, world_size=env.dist.world_size)
             packer = StreamingPacker(shard, self.encoder, d.seq_length, d.max_images_per_pack, self.pad_id,
                                      seed=env.seed)
-            return StreamingMicroBatches(packer, env.micro_batch_size, env.dist)
+            return StreamingMicroBatches(packer, env.micro_batch_size, env.dist.rank, env.dist.world_size,
+                                         gather=lambda state: gather_objects(state, env.dist))
         try:
             tokens, images = sample_lengths(self.train_set, self.encoder, cache_dir=d.cache_dir)
             order = PackedOrder(tokens, images, d.seq_length, d.max_images_per_pack, env.seed, window=d.pack_window)
@@ -317,7 +271,7 @@ class VLMTask(Task):
         for start in range(0, max(len(mine), 1), 8):
             idx = mine[start:start + 8]
             samples = [s for s in (self.encoder.encode(self.val_set[i]) for i in (idx or [0])) if s is not None]
-            batch = _to(collate_padded(samples, self.pad_id), self.device)
+            batch = to_device(collate_padded(samples, self.pad_id), self.device)
             loss_sum, count = _next_token_loss(model, batch, None)
             if idx:
                 total += torch.stack([loss_sum.float(), count.float()])
@@ -367,82 +321,6 @@ class VLMTask(Task):
         self.packed.load_state_dict(state["data"])
 
 
-class StreamingMicroBatches:
-    """Micro-batches of packed rows from a streaming source; ends with the stream (the engine then stops every
-    rank together). Each rank packs its own shard, so the data position is per rank: state_dict gathers every
-    rank's (a collective: every rank saves), and a resume on the same number of ranks takes back its own."""
-
-    def __init__(self, packer: StreamingPacker, micro_batch_size: int, dist_ctx: Any):
-        self.packer, self.micro_batch_size, self.dist = packer, micro_batch_size, dist_ctx
-
-    def __iter__(self) -> StreamingMicroBatches:
-        return self
-
-    def __next__(self) -> dict:
-        return collate_packed([next(self.packer) for _ in range(self.micro_batch_size)])
-
-    def state_dict(self) -> dict:
-        return {"ranks": gather_objects(self.packer.state_dict(), self.dist)}
-
-    def load_state_dict(self, state: dict) -> None:
-        ranks = state["ranks"]
-        if len(ranks) != self.dist.world_size:
-            raise ConfigError(f"this streaming run was saved on {len(ranks)} ranks; each rank streams its own shard, "
-                              f"so it resumes on {len(ranks)} ranks only (now {self.dist.world_size})")
-        self.packer.load_state_dict(ranks[self.dist.rank])
-
-
-def build_vlm(vision_cfg: ViTConfig, lm_cfg: LlamaConfig, pixel_shuffle_factor: int, tokenizer: Any,
-              vision_from: Optional[str] = None, lm_from: Optional[str] = None,
-              image_token: str = "<|image|>") -> VisionLanguageModel:
-    """A VLM of these shapes, or with the encoder / decoder (config and weights) of local Hugging Face folders;
-    the decoder's vocabulary is the tokenizer's (extended with the image tokens: new rows N(0, 0.02)), and
-    `image_token` (its image layout's) the placeholder its image features replace."""
-    from vistrain.interop.hf import load_llama_from_hf, load_vit_from_hf
-
-    vision = lm = None
-    if vision_from:
-        vision_cfg, vision = load_vit_from_hf(vision_from)
-    if lm_from:
-        lm_cfg, lm = load_llama_from_hf(lm_from)
-    cfg = VLMConfig(vision=vision_cfg, lm=dataclasses.replace(lm_cfg, vocab_size=len(tokenizer)),
-                    pixel_shuffle_factor=pixel_shuffle_factor,
-                    image_token_id=int(tokenizer.convert_tokens_to_ids(image_token)))
-    model = VisionLanguageModel(cfg)
-    if vision is not None:
-        model.vision.load_state_dict(vision.state_dict())
-    if lm is not None:
-        lm.resize_vocab(len(tokenizer))
-        model.lm.load_state_dict(lm.state_dict())
-    return model
-
-
-def import_hf(vision_from: str, lm_from: str, pixel_shuffle_factor: int) -> tuple[dict, dict, dict]:
-    """`vistrain import vlm`: (model_config, weights, assets) of a VLM made of two local Hugging Face folders,
-    with a new projector and the LM's tokenizer extended with the image tokens."""
-    tokenizer = lm_tokenizer(lm_from, key="--lm")
-    model = build_vlm(ViTConfig(), LlamaConfig(), pixel_shuffle_factor, tokenizer, vision_from, lm_from)
-    model_config = {"task": "vlm", "model": dataclasses.asdict(model.cfg), "chat_template": "chatml",
-                    "max_image_size": 4 * model.cfg.vision.image_size}
-    weights = {f"vlm.{k}": v for k, v in model.state_dict().items()}
-    return model_config, weights, tokenizer_assets(tokenizer)
-
-
-def image_style(model_config: dict) -> dict[str, Any]:
-    """A model folder's image processing keys that differ from vistrain's defaults: image_layout (VQAEncoder's,
-    "vistrain" when absent), image_resize (an ImageProcessor resize mode, "vistrain" when absent) and image_labels
-    (VQAEncoder's, false when absent). Models imported from nanoVLM have the last two (interop/nanovlm.py), from
-    SmolVLM the first two (interop/smolvlm.py)."""
-    style: dict[str, Any] = {}
-    if model_config.get("image_layout", "vistrain") != "vistrain":
-        style["image_layout"] = str(model_config["image_layout"])
-    if model_config.get("image_resize", "vistrain") != "vistrain":
-        style["image_resize"] = str(model_config["image_resize"])
-    if model_config.get("image_labels"):
-        style["image_labels"] = True
-    return style
-
-
 def data_image_style(image_layout: str, init: Optional[str]) -> dict[str, Any]:
     """The image style a run trains with: model.init's (a model keeps the layout it was made with), or a new
     model's of data.image_layout. data.image_layout, when given, must be model.init's."""
@@ -459,31 +337,12 @@ def data_image_style(image_layout: str, init: Optional[str]) -> dict[str, Any]:
     return {"image_layout": "smolvlm", "image_resize": "smolvlm"} if image_layout == "smolvlm" else {}
 
 
-def import_nanovlm(folder: str, tokenizer_dir: Optional[str] = None) -> tuple[dict, dict, dict]:
-    """`vistrain import nanovlm`: (model_config, weights, assets) of a vistrain model folder from a nanoVLM one."""
-    from vistrain.interop import nanovlm
-
-    model_config, weights, tokenizer = nanovlm.import_nanovlm(folder, tokenizer_dir)
-    return model_config, weights, tokenizer_assets(tokenizer)
-
-
 def _next_token_loss(model: nn.Module, batch: dict, position_ids: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Cross entropy summed over the labelled next tokens, computed by the model without the full logits (its
     labels ignore -100, IGNORE_INDEX), and their count (a device tensor, no sync)."""
     labels = batch["labels"]
     loss_sum = model(batch["input_ids"], batch["pixel_values"], position_ids, batch["doc_ids"], labels_BT=labels)
     return loss_sum, (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-def decode_answer(tokenizer: Any, ids: Tensor, eos_id: int) -> str:
-    ids = ids.tolist()
-    if eos_id in ids:
-        ids = ids[: ids.index(eos_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _model_folder(path: str, key: str) -> Path:
@@ -499,99 +358,25 @@ def _model_folder(path: str, key: str) -> Path:
     return folder
 
 
-def load_vlm(folder: Path, device: torch.device | str = "cpu") -> VisionLanguageModel:
-    """The VLM of a checkpoint or model folder, its checksums verified."""
-    ckpt_lib.verify_checkpoint(folder, only=(ckpt_lib.MODEL_FILE, ckpt_lib.CONFIG_FILE))
-    return VisionLanguageModel.from_pretrained(folder, device)
+class TransformersExport(Exporter):
+    """`vistrain export --format transformers`: an Idefics3 (SmolVLM) folder that transformers' Auto classes load,
+    for a VLM of the smolvlm image layout (interop/smolvlm.py)."""
 
+    formats = ("transformers",)
 
-# ------------------------------------------------------------------------------------------ generation
-
-
-def load_for_generation(folder: Path, device: torch.device | str = "cpu") -> tuple[VisionLanguageModel, Any,
-                                                                                 VQAEncoder, int]:
-    """(model, tokenizer, prompt encoder, eos id) of a checkpoint or model folder, as `vistrain generate` uses
-    them: the folder's config.json says how images are processed (max_image_size, image_resize,
-    image_labels), which chat template renders the prompt, and which token ends an answer (eos_token,
-    default <|im_end|>)."""
-    folder = Path(folder)
-    tokenizer = checkpoint_tokenizer(folder)  # first: seconds, and a folder without one needs no model loaded
-    model = load_vlm(folder, device)
-    model_config = ckpt_lib.load_model_config(folder)
-    vcfg = model.cfg.vision
-    style = image_style(model_config)
-    processor = ImageProcessor(vcfg.image_size, model_config.get("max_image_size", vcfg.image_size),
-                               vcfg.image_mean, vcfg.image_std, resize=style.get("image_resize", "vistrain"))
-    encoder = VQAEncoder(tokenizer, processor, model.cfg.image_token_length,
-                         model_config.get("chat_template", "chatml"), image_labels=style.get("image_labels", False),
-                         layout=style.get("image_layout", "vistrain"))
-    eos_token = str(model_config.get("eos_token", "<|im_end|>"))
-    eos_id = tokenizer.convert_tokens_to_ids(eos_token)
-    if eos_id is None or eos_id == tokenizer.unk_token_id and eos_token != tokenizer.unk_token:
-        raise ValueError(f"{folder}: the eos_token {eos_token!r} of config.json is not in its tokenizer")
-    return model, tokenizer, encoder, int(eos_id)
-
-
-def generate(folder: Path, images: list[str], prompt: str, max_new_tokens: int, greedy: bool, temperature: float,
-             top_k: int, top_p: float, seed: int, device: torch.device) -> str:
-    """`vistrain generate`: one answer to a prompt about the given images, from a checkpoint or model folder."""
-    from PIL import Image
-
-    model, tokenizer, encoder, eos_id = load_for_generation(folder, device)
-    pictures = []
-    for path in images:
+    def export(self, fmt: str, folder: Path, out: Path, provenance: dict) -> Path:
+        weights = ckpt_lib.load_weights(folder)
         try:
-            pictures.append(Image.open(path).convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--image {path}: cannot be read as an image ({e})") from None
-    encoded = encode_question(encoder, pictures, prompt)
-    room = context_room(model, encoded)
-    if room < 1:
-        raise ConfigError(f"--prompt and --image take {len(encoded['input_ids'])} tokens, more than this model's "
-                          f"context of {model.cfg.lm.max_position_embeddings}: ask with fewer or smaller images or "
-                          "a shorter prompt")
-    if max_new_tokens > room:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens}: this model's context is "
-                          f"{model.cfg.lm.max_position_embeddings} tokens and the prompt with its images takes "
-                          f"{len(encoded['input_ids'])}, which leaves room for at most {room}")
-    generator = torch.Generator(device).manual_seed(seed)
-    ids = answer_ids(model, encoded, max_new_tokens, eos_id, greedy=greedy, temperature=temperature, top_k=top_k,
-                     top_p=top_p, generator=generator)
-    return decode_answer(tokenizer, ids, eos_id)
+            hf_config, hf_weights, files = to_transformers(ckpt_lib.load_model_config(folder), weights,
+                                                           checkpoint_tokenizer(folder), str(folder),
+                                                           describe(provenance))
+        except SmolVLMFormatError as e:
+            raise ConfigError(str(e)) from None
+        return ckpt_lib.write_model_folder(out, hf_weights, hf_config, files, provenance_record=provenance)
 
 
-def encode_question(encoder: VQAEncoder, images: list, prompt: str) -> dict[str, Any]:
-    """A question as `vistrain generate` (and the lmms-eval adapter, lmms.py) asks it: the images (PIL, in
-    order) before the prompt in one user turn, up to the assistant header. VQAEncoder.encode_prompt's dict:
-    input_ids (L,), pixel_values (V, 3, tile, tile), num_images."""
-    encoded = encoder.encode_prompt({"images": list(images), "texts": [{"user": prompt, "assistant": ""}]})
-    if encoded is None:  # cannot happen: a turn without ratings is always kept
-        raise ValueError("the prompt was filtered out")
-    return encoded
-
-
-def context_room(model: VisionLanguageModel, encoded: dict[str, Any]) -> int:
-    """How many new tokens fit in the model's context (lm.max_position_embeddings) after an encoded question."""
-    return model.cfg.lm.max_position_embeddings - len(encoded["input_ids"])
-
-
-def answer_ids(model: VisionLanguageModel, encoded: dict[str, Any], max_new_tokens: int, eos_id: int,
-               greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-               generator: Optional[torch.Generator] = None) -> Tensor:
-    """The new token ids (N,), N <= max_new_tokens, that the model writes after an encoded question (on the
-    model's device); the last is eos_id when it stopped by itself. At most `context_room` tokens: the cache
-    for more would only hold positions the model never learnt."""
-    if max_new_tokens > context_room(model, encoded):
-        raise ValueError(f"max_new_tokens {max_new_tokens}: at most {context_room(model, encoded)} fit in the "
-                         f"model's context after this prompt")
-    device = next(model.parameters()).device
-    ids = model.generate(encoded["input_ids"][None].to(device), encoded["pixel_values"].to(device),
-                         max_new_tokens=max_new_tokens, eos_token_id=eos_id, greedy=greedy, temperature=temperature,
-                         top_k=top_k, top_p=top_p, generator=generator)
-    return ids[0]
-
-
-register(TaskSpec(name="vlm", config=VLMExperimentConfig, build=VLMTask, generate=generate, smoke_overrides=(
+register(TaskSpec(name="vlm", config=VLMExperimentConfig, build=VLMTask,
+                  capabilities=(VLMAnswerer(), TransformersExport()), smoke_overrides=(
     "data.seq_length=256", "vlm.val_questions=6", "data.val_size=8", "model.lm.num_layers=1",
     "model.vision.num_layers=1",
 )))

@@ -32,7 +32,8 @@ from vistrain.errors import ConfigError
 from vistrain.models.gan import DiscriminatorConfig, build_discriminator
 from vistrain.models.lpips import load_lpips
 from vistrain.models.vqvae import VQVAE, VQVAEConfig
-from vistrain.tasks import SampleRequest, TaskSpec, register
+from vistrain.tasks import TaskSpec, register
+from vistrain.tasks.capabilities import ImageSampler, Reconstructor, SampleRequest
 from vistrain.tasks.gan_losses import LOSSES, discriminator_loss, generator_loss
 
 
@@ -281,11 +282,10 @@ def val_images(model_config: dict):
     return build_image_dataset(ImageDataConfig(**model_config["data"]), "val")
 
 
-def reconstruct(model_config: dict, weights: dict[str, Tensor], first: int, count: int, batch_size: int,
-                device: torch.device, val_set=None) -> Iterator[tuple[Tensor, Tensor]]:
+def reconstruct(model_config: dict, weights: dict[str, Tensor], val_set, first: int, count: int, batch_size: int,
+                device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
     """(originals, reconstructions) of val images first .. first + count - 1, in chunks, on the CPU."""
     vae = load_vqvae(model_config["model"], weights, device)
-    val_set = val_set if val_set is not None else val_images(model_config)
     if first + count > len(val_set):
         raise ValueError(f"images {first}..{first + count - 1} asked for: the val set has {len(val_set)}")
     with torch.no_grad():
@@ -294,26 +294,39 @@ def reconstruct(model_config: dict, weights: dict[str, Tensor], first: int, coun
             yield real, vae.idx_to_img(vae.img_to_idx(real.to(device))).float().cpu()
 
 
-def sample(model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
-           device: torch.device) -> Iterator[Tensor]:
-    """`num` images: val images each followed by its reconstruction, in chunks."""
-    if request.labels:
-        raise ValueError("--labels: a tokenizer reconstructs val images; it takes no class labels")
-    val_set = val_images(model_config)
-    if request.num > 2 * len(val_set):
-        raise ValueError(f"--num {request.num}: the val set has {len(val_set)} images, so at most {2 * len(val_set)}")
-    pairs = (request.num + 1) // 2
-    done = 0
-    for real, recon in reconstruct(model_config, weights, 0, pairs, max(1, request.batch_size // 2), device, val_set):
-        both = interleave(real, recon)
-        yield both[: request.num - 2 * done]
-        done += len(real)
+class TokenizerReconstructions(Reconstructor, ImageSampler):
+    """`vistrain eval` scores the reconstructions of the val split; `vistrain sample` shows val images, each
+    followed by its reconstruction."""
+
+    def val_images(self, model_config: dict):
+        return val_images(model_config)
+
+    def reconstruct(self, model_config: dict, weights: dict[str, Tensor], *, val_set, first: int, count: int,
+                    batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        return reconstruct(model_config, weights, val_set, first, count, batch_size, device)
+
+    def sample(self, model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
+               device: torch.device) -> Iterator[Tensor]:
+        if request.labels:
+            raise ValueError("--labels: a tokenizer reconstructs val images; it takes no class labels")
+        val_set = val_images(model_config)
+        if request.num > 2 * len(val_set):
+            raise ValueError(f"--num {request.num}: the val set has {len(val_set)} images, so at most "
+                             f"{2 * len(val_set)}")
+        pairs = (request.num + 1) // 2
+        done = 0
+        for real, recon in reconstruct(model_config, weights, val_set, 0, pairs, max(1, request.batch_size // 2),
+                                       device):
+            both = interleave(real, recon)
+            yield both[: request.num - 2 * done]
+            done += len(real)
+
+    def grid_columns(self, model_config: dict, request: SampleRequest) -> int:
+        return 2 * pairs_per_row(request.num)
 
 
 register(TaskSpec(
-    name="vqvae", config=VQVAEExperimentConfig, build=VQVAETask, sample=sample, reconstruct=reconstruct,
-    val_images=val_images,
-    grid_columns=lambda model_config, request: 2 * pairs_per_row(request.num),
+    name="vqvae", config=VQVAEExperimentConfig, build=VQVAETask, capabilities=(TokenizerReconstructions(),),
     smoke_overrides=("data.resolution=16", "model.ch=32", "model.ch_mult=[1,2,2]", "model.num_res_blocks=1",
                      "model.vocab_size=64", "model.z_channels=8", "model.patch_nums=[1,2,4]",
                      "vqvae.num_samples=4", "vqvae.val_images=32"),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vistrain import provenance
 from vistrain.durable import write_atomic
-from vistrain.runs import Run, best_text, disk_usage, format_number, human_bytes, last_eval_text
+from vistrain.run_folder import Run, best_text, disk_usage, format_number, human_bytes, last_eval_text
 
 SPLIT_ORDER = ("train", "val", "eval")  # other splits, if a task logs any, come after these
 SPLIT_COLORS = {"train": "#1f77b4", "val": "#d62728", "eval": "#2ca02c"}
