@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.eval.digits_judge import DigitsJudge, judge_metrics
 from vistrain.tasks import SampleRequest, get_spec
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistrain.config import ExperimentConfig, load_config
-from vistrain.data.config import ImageDataConfig
+from vistrain.data.data_config import ImageDataConfig
 from vistrain.data.loader import MicroBatchStream, build_image_dataset
 from vistrain.data.sampler import StreamOrder
 from vistrain.engine.dist import DistContext

@@ -521,7 +521,7 @@ def measure_shape(shape: Shape, args: argparse.Namespace, nanovlm: Optional[Nano
                   + (f", nanoVLM {theirs.ms_per_step:.0f} ms/step" if nanovlm is not None else ""), flush=True)
         peak_tflops = None
         if device.type == "cuda":
-            from vistrain.engine.metrics import device_peak_tflops
+            from vistrain.engine.meters import device_peak_tflops
 
             peak_tflops = device_peak_tflops(device, precision)
         lm_flops, tile_flops = flops_per_token(shape), flops_per_tile(shape)

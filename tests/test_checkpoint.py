@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import vistrain.engine.checkpoint as ckpt_mod
-from vistrain.engine.checkpoint import (
+import vistrain.engine.checkpoint_files as ckpt_mod
+from vistrain.engine.checkpoint_files import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -308,7 +308,7 @@ def test_a_full_disk_is_reported_as_such_and_the_last_checkpoint_is_kept(tmp_pat
 
 
 def test_find_checkpoint_picks_latest_or_best(tmp_path):
-    from vistrain.engine.checkpoint import find_checkpoint
+    from vistrain.engine.checkpoint_files import find_checkpoint
 
     root = tmp_path / "checkpoints"
     for step, value in ((1, 0.5), (2, 0.9)):

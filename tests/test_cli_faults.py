@@ -15,7 +15,7 @@ from standin_detector import TwoHeaded, save_scripted
 import var_golden as golden
 from vistrain import cli
 from vistrain.config import load_config
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "tests" / "toy.yaml"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from vistrain.config import ConfigError, load_config
-from vistrain.engine.config import gradient_accumulation
+from vistrain.engine.config_sections import gradient_accumulation
 from vistrain.tasks.gan import GanConfig
 
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "gan" / "digits.yaml"

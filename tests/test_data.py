@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vistrain.data.config import ImageDataConfig
+from vistrain.data.data_config import ImageDataConfig
 from vistrain.data.digits import DigitsDataset, _split_indices
 from vistrain.data.images import ImageFolderDataset
 from vistrain.data.loader import MicroBatchStream, build_image_dataset, check_enough_data

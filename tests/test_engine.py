@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vistrain.config import load_config
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.engine.trainer import Preempted, TrainingDiverged
 from vistrain.tasks import make_trainer

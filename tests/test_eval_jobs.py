@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from test_engine import CPU, toy_config
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.trainer import Trainer
 from vistrain.tasks import get_spec
 

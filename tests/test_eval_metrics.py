@@ -21,7 +21,7 @@ from vistrain.errors import ConfigError
 from vistrain.eval import detector as detector_mod
 from vistrain.eval.detector import load_detector
 from vistrain.eval.frechet import frechet_distance
-from vistrain.eval.metrics import compute_image_metrics, precision_recall
+from vistrain.eval.image_metrics import compute_image_metrics, precision_recall
 from vistrain.eval.stats import RefStats, load_stats, reference_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -38,7 +38,7 @@ def test_digits_gan_learns(tmp_path):
 
 
 def test_dis_step_gen_step_and_lazy_r1_take_the_expected_optimizer_steps(tmp_path):
-    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine import checkpoint_files as ckpt_lib
 
     cfg = load_config(DIGITS, [
         f"run.out_dir={tmp_path}", "run.loggers=[]", "train.max_steps=4", "train.batch_size=8",

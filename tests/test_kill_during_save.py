@@ -10,10 +10,10 @@ import signal
 import pytest
 import torch
 
-import vistrain.engine.checkpoint as ckpt_mod
+import vistrain.engine.checkpoint_files as ckpt_mod
 from vistrain import durable
 from vistrain.config import load_config
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.tasks import make_trainer
 
@@ -22,7 +22,7 @@ DURABLE = ("replace", "fsync")  # the operations that order what a reader can se
 
 
 class KillingOs:
-    """`os` as checkpoint.py and vistrain.durable (its `latest` and `best`) see it, except that the n-th durable
+    """`os` as checkpoint_files.py and vistrain.durable (its `latest` and `best`) see it, except that the n-th durable
     operation of a save kills the process first. Counting starts with the save: the run's earlier durable writes
     (config.yaml) are tests/test_durable.py's business."""
 

@@ -15,7 +15,7 @@ from vistrain.engine.loggers import (
     build_loggers,
     format_number,
 )
-from vistrain.engine.metrics import ETA
+from vistrain.engine.meters import ETA
 
 
 def test_console_line_has_step_metrics_speed_and_eta(capsys):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vistrain.engine.images import make_grid, save_png, to_uint8_hwc
-from vistrain.engine.metrics import ETA, MetricAccumulator, format_duration, peak_memory_mb
+from vistrain.engine.meters import ETA, MetricAccumulator, format_duration, peak_memory_mb
 
 
 def test_accumulator_means_since_last_reduce_then_clears():

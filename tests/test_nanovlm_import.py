@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from vistrain.cli import main
 from vistrain.data.vqa_images import ImageProcessor
 from vistrain.data.vqa_text import VQAEncoder
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.models.vlm import VisionLanguageModel
 from vistrain.tasks.vlm_inference import load_for_generation
 

@@ -15,7 +15,7 @@ from engine_checks import capture_gradients
 from toy_task import MLP, PairsDataset
 from vistrain.config import load_config
 from vistrain.data.sampler import StreamOrder
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.engine.rng import seed_everything
 from vistrain.tasks import make_trainer
@@ -209,7 +209,7 @@ def test_fsdp_modules_never_return_views_so_an_in_place_op_keeps_the_backward_ri
     import copy
     import warnings
 
-    from vistrain.engine.config import TrainConfig
+    from vistrain.engine.config_sections import TrainConfig
     from vistrain.engine.parallel import Parallel
 
     for name, model, inputs in _model_calls():

@@ -24,7 +24,7 @@ from PIL import Image
 from standin_detector import TwoHeaded, save_scripted
 from vistrain import cli
 from vistrain.config import load_config
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.models.vqvae import VQVAE, VQVAEConfig
 from vistrain.tasks import get_spec
 

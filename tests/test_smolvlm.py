@@ -27,7 +27,7 @@ from vistrain.config import load_config
 from vistrain.data.vqa import digits_vqa, train_tokenizer, vqa_texts
 from vistrain.data.vqa_images import ImageProcessor
 from vistrain.data.vqa_text import VQAEncoder, smolvlm_special_tokens
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.interop.tokenizers import tokenizer_assets
 from vistrain.interop.vlm_parts import build_vlm

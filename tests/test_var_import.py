@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import var_golden as golden
 import vistrain.models.var as var_module
 from vistrain.cli import main
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.interop.var_official import var_to_official, vqvae_to_official
 from vistrain.tasks.var import load_transformer
 from vistrain.tasks.vqvae import load_vqvae
@@ -280,7 +280,7 @@ def test_given_patch_nums_that_fit_change_nothing(official_files, imported, tmp_
 def test_var_training_can_start_from_the_imported_model(imported, tmp_path) -> None:
     """Fine-tuning: the transformer starts from the imported weights, the tokenizer is the imported one."""
     from vistrain.config import load_config
-    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine import checkpoint_files as ckpt_lib
     from vistrain.engine.dist import DistContext
     from vistrain.tasks import make_trainer
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from vistrain import cli
 from vistrain.config import load_config
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.models.var import VAR
 from vistrain.models.vqvae import VQVAE, VQVAEConfig

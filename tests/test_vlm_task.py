@@ -14,7 +14,7 @@ import torch
 from vistrain import cli
 from vistrain.config import load_config
 from vistrain.data.vqa import digits_vqa, pack_row
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.models.vlm import VisionLanguageModel
 from vistrain.tasks import make_trainer

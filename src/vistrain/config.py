@@ -1,7 +1,7 @@
-"""Configuration: one dataclass schema per component, YAML files, dotted overrides, errors that name the key.
+"""The experiment config: the schema every task extends, YAML files, dotted overrides, errors that name the key.
 
 A run's config is a task's dataclass (for example `vistrain.tasks.gan.GanConfig`) that extends
-`ExperimentConfig`, whose sections `run` and `train` belong to the engine (vistrain/engine/config.py) and
+`ExperimentConfig`, whose sections `run` and `train` belong to the engine (vistrain/engine/config_sections.py) and
 whose `data` section each task extends with its own keys. OmegaConf does the merging and the type checks;
 this module turns its exceptions into messages that say which key was wrong, what was given, and what
 would have been valid.
@@ -22,9 +22,9 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf import errors as oc_errors
 
-from vistrain.data.config import DataConfig
-from vistrain.engine import config as engine_config
-from vistrain.engine.config import EvalConfig, RunConfig, TrainConfig
+from vistrain.data.data_config import DataConfig
+from vistrain.engine import config_sections as engine_config
+from vistrain.engine.config_sections import EvalConfig, RunConfig, TrainConfig
 from vistrain.engine.optim import OptimConfig, validate as validate_optim
 from vistrain.errors import ConfigError
 from vistrain.outpaths import check_path_length

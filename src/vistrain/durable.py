@@ -24,7 +24,7 @@ import secrets
 from pathlib import Path
 from typing import Union
 
-TEMP_PREFIX = ".tmp-"  # an entry named so is incomplete; engine/checkpoint.py names its temporary folders alike
+TEMP_PREFIX = ".tmp-"  # an entry named so is incomplete; engine/checkpoint_files.py names its temporary folders alike
 _TEMP_RE = re.compile(r"^\.tmp-.+-(\d+)-[0-9a-f]{8}$")
 _NAME_KEPT = 200  # characters of the file's name kept in the temporary name: it must stay under NAME_MAX (255)
 

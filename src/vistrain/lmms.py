@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from vistrain.data.vqa_images import as_pil
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.rundir import write_text_atomic
 from vistrain.outpaths import check_output_file
 from vistrain.tasks.vlm_inference import answer_ids, context_room, decode_answer, encode_question, load_for_generation

@@ -19,7 +19,7 @@ from typing import Optional
 import yaml
 
 from vistrain import provenance
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.rundir import holds_a_run, lock_holder
 
 EVAL_SPLITS = ("val", "eval")  # in metrics.jsonl: the in-loop evaluation and the eval jobs beside training

@@ -73,7 +73,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 
     import torch
 
-    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine import checkpoint_files as ckpt_lib
     from vistrain.engine.dist import init_distributed, shutdown
     from vistrain.errors import ConfigError
     from vistrain.outpaths import check_output_file
@@ -129,7 +129,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 def evaluate(ckpt: Path, request: EvalRequest, ctx) -> dict:
     """Score checkpoint `ckpt` (every rank calls this); every rank returns the same record."""
     # imported here: CLI start-up (see cli/__init__.py)
-    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine import checkpoint_files as ckpt_lib
     from vistrain.errors import ConfigError
     from vistrain.tasks import get_spec
     from vistrain.tasks.capabilities import ImageSampler, Reconstructor
@@ -168,7 +168,7 @@ def _progress(chunks: Iterator, total: int, ctx, what: str, size=len) -> Iterato
 
 def _samples(ckpt: Path, model_config: dict, sampler, request: EvalRequest, ctx):
     # imported here: CLI start-up (see cli/__init__.py)
-    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine import checkpoint_files as ckpt_lib
     from vistrain.errors import ConfigError
     from vistrain.eval.score import ImageScorer, balanced_share, check_judge_data
     from vistrain.tasks.capabilities import SampleRequest
@@ -205,7 +205,7 @@ def _samples(ckpt: Path, model_config: dict, sampler, request: EvalRequest, ctx)
 
 def _reconstructions(ckpt: Path, model_config: dict, reconstructor, request: EvalRequest, ctx):
     # imported here: CLI start-up (see cli/__init__.py)
-    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine import checkpoint_files as ckpt_lib
     from vistrain.eval.score import ImageScorer
 
     scorer = ImageScorer(request.metrics, detector=request.detector, device=ctx.device,
@@ -260,7 +260,7 @@ def write_result(path: Path, record: dict) -> None:
 
 def default_result_path(ckpt: Path) -> Path:
     """<run>/eval/step_N.json for a checkpoint of a run; beside the folder otherwise."""
-    from vistrain.engine import checkpoint as ckpt_lib  # imported here: CLI start-up (see cli/__init__.py)
+    from vistrain.engine import checkpoint_files as ckpt_lib  # imported here: CLI start-up (see cli/__init__.py)
 
     step = ckpt_lib.checkpoint_step(ckpt)
     if step is not None and ckpt.parent.name == "checkpoints":

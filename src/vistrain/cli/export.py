@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     # imported here: CLI start-up (see cli/__init__.py)
     from vistrain import provenance
-    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine import checkpoint_files as ckpt_lib
     from vistrain.errors import ConfigError
     from vistrain.outpaths import check_output_folder
     from vistrain.tasks import get_spec
@@ -75,7 +75,7 @@ def export_vistrain(folder: Path, model_config: dict, out: Path, record: dict) -
     """The checkpoint's model files and assets, a model card, and the provenance (the checkpoint's under "from")."""
     # imported here: CLI start-up (see cli/__init__.py)
     from vistrain import provenance
-    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine import checkpoint_files as ckpt_lib
 
     weights = ckpt_lib.load_weights(folder)
     skip = {ckpt_lib.MODEL_FILE, ckpt_lib.CONFIG_FILE, ckpt_lib.TRAIN_STATE_FILE, ckpt_lib.CHECKSUMS_FILE,

@@ -29,7 +29,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     # imported here: CLI start-up (see cli/__init__.py)
     from vistrain.cli.common import find_source
-    from vistrain.engine.checkpoint import CheckpointError
+    from vistrain.engine.checkpoint_files import CheckpointError
     from vistrain.engine.dist import pick_device
     from vistrain.errors import ConfigError
     from vistrain.tasks.capabilities import Prompt, PromptAnswerer

@@ -44,7 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     # imported here: CLI start-up (see cli/__init__.py)
-    from vistrain.engine.checkpoint import CheckpointError, write_model_folder
+    from vistrain.engine.checkpoint_files import CheckpointError, write_model_folder
     from vistrain.errors import ConfigError
     from vistrain.outpaths import check_output_folder
     from vistrain.provenance import collect

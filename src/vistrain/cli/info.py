@@ -25,7 +25,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     import yaml
 
     from vistrain import provenance
-    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine import checkpoint_files as ckpt_lib
 
     args = parser.parse_args(argv)
     try:

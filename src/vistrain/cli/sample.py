@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     # imported here: CLI start-up (see cli/__init__.py)
-    from vistrain.engine import checkpoint as ckpt_lib
+    from vistrain.engine import checkpoint_files as ckpt_lib
     from vistrain.errors import ConfigError
     from vistrain.tasks.capabilities import ImageSampler
 

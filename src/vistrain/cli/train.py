@@ -36,7 +36,7 @@ def train(config: str, overrides: list[str], smoke: bool = False) -> int:
     # imported here: CLI start-up (see cli/__init__.py)
     from vistrain.cli.evaluate import eval_command
     from vistrain.config import load_config
-    from vistrain.engine.checkpoint import CheckpointError
+    from vistrain.engine.checkpoint_files import CheckpointError
     from vistrain.engine.dist import init_distributed, shutdown
     from vistrain.engine.rundir import RunDirError
     from vistrain.engine.trainer import EXIT_REQUEUE, AlreadyDone, Preempted, TrainingDiverged

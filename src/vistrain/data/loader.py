@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vistrain.data.config import ImageDataConfig
+from vistrain.data.data_config import ImageDataConfig
 from vistrain.data.digits import DigitsDataset
 from vistrain.data.images import ImageFolderDataset, discover_classes
 from vistrain.data.sampler import StreamOrder, hash_ints

@@ -1,4 +1,5 @@
-"""The Checkpointer: gathers and restores the whole run state, in one place, for any parallelism.
+"""The Checkpointer: gathers and restores the whole run state, in one place, for any parallelism (the folder
+format it writes through is engine/checkpoint_files.py).
 
 Networks and optimizers go through torch.distributed.checkpoint's state-dict helpers (get / set model and
 optimizer state dicts), the same code for a plain network, DDP and FSDP2; their keys are the plain model's
@@ -13,7 +14,7 @@ parameter names. What lands where:
 
 With `async_save` the state is copied to host memory on the training thread, and the files are written by a
 background thread: the next step does not wait for the disk. One save is in flight at a time; the atomic
-rules of checkpoint.py hold either way (a folder appears only complete, `latest` moves only then).
+rules of checkpoint_files.py hold either way (a folder appears only complete, `latest` moves only then).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext, barrier, broadcast_object
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

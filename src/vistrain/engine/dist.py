@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from vistrain.engine.config import DEVICES
+from vistrain.engine.config_sections import DEVICES
 from vistrain.errors import ConfigError
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from vistrain.engine.config import SlurmEvalConfig
+from vistrain.engine.config_sections import SlurmEvalConfig
 from vistrain.engine.rundir import write_text_atomic
 
 # (checkpoint folder, result file) -> the command that evaluates the checkpoint and writes the result file

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from vistrain.durable import write_atomic
-from vistrain.engine.metrics import ETA
+from vistrain.engine.meters import ETA
 
 __all__ = [
     "ConsoleLogger",

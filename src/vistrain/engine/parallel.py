@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from vistrain.engine.config import TrainConfig
+from vistrain.engine.config_sections import TrainConfig
 from vistrain.engine.dist import DistContext
 
 

@@ -25,14 +25,14 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from vistrain import provenance
-from vistrain.engine import checkpoint as ckpt_lib
-from vistrain.engine import config as engine_config
+from vistrain.engine import checkpoint_files as ckpt_lib
+from vistrain.engine import config_sections as engine_config
 from vistrain.engine.checkpointer import Checkpointer, verify_on_main_rank
 from vistrain.engine.dist import DistContext, all_reduce_sum, any_rank, broadcast_object, gather_objects
 from vistrain.engine.evaljobs import EvalCommand, EvalJobs, LocalLauncher, SlurmLauncher
 from vistrain.engine.images import save_png
 from vistrain.engine.loggers import LoggerGroup, build_loggers
-from vistrain.engine.metrics import DeviceTimer, MetricAccumulator, device_peak_tflops, peak_memory_mb
+from vistrain.engine.meters import DeviceTimer, MetricAccumulator, device_peak_tflops, peak_memory_mb
 from vistrain.engine.optim import apply_schedule, build_optimizer, freeze_zero_lr
 from vistrain.engine.parallel import Parallel
 from vistrain.engine.precision import Precision

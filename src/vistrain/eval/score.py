@@ -107,7 +107,7 @@ class ImageScorer:
 
     def _fewest(self, side: int) -> tuple[int, str]:
         """(the fewest images, the metric that needs them) of the generated (side 0) or reference (side 1) set."""
-        from vistrain.eval.metrics import MIN_IMAGES  # here: eval/metrics.py needs the optional `eval` extra
+        from vistrain.eval.image_metrics import MIN_IMAGES  # here: eval/image_metrics.py needs the optional `eval` extra
 
         needs = {**MIN_IMAGES, JUDGE: (2, 0)}
         return max(((needs[m][side], m) for m in self.metrics if m in needs), default=(0, ""))
@@ -156,8 +156,8 @@ class ImageScorer:
         out: dict[str, float] = {}
         detector_metrics = [m for m in self.metrics if m in DETECTOR_METRICS]
         if detector_metrics:
-            # here: eval/metrics.py needs torchmetrics (the `eval` extra), which a run without FID & co. may lack
-            from vistrain.eval.metrics import compute_image_metrics
+            # here: eval/image_metrics.py needs torchmetrics (the `eval` extra), which a run without FID & co. may lack
+            from vistrain.eval.image_metrics import compute_image_metrics
 
             out.update(compute_image_metrics(detector_metrics, for_detector(), self.ref, self.detector, self.dist))
         else:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vistrain.config import ConfigError, ExperimentConfig
-from vistrain.data.config import ImageDataConfig
+from vistrain.data.data_config import ImageDataConfig
 from vistrain.data.loader import MicroBatchStream, build_image_dataset, check_enough_data
 from vistrain.data.sampler import StreamOrder
 from vistrain.engine.ema import ema_beta, update_ema

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vistrain.config import ExperimentConfig
-from vistrain.data.config import ImageDataConfig
+from vistrain.data.data_config import ImageDataConfig
 from vistrain.data.loader import MicroBatchStream, build_image_dataset, check_enough_data
 from vistrain.data.sampler import StreamOrder
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.images import make_grid
 from vistrain.engine.optim import OptimConfig
 from vistrain.engine.schedule import ScheduleConfig, warmup_length

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vistrain.config import ExperimentConfig
-from vistrain.data.config import DataConfig
+from vistrain.data.data_config import DataConfig
 from vistrain.data.loader import MicroBatchStream
 from vistrain.data.packing import StreamingMicroBatches
 from vistrain.data.vqa import (
@@ -50,7 +50,7 @@ from vistrain.data.vqa_text import (
     layout_eos_token,
     layout_special_tokens,
 )
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import gather_objects
 from vistrain.engine.optim import OptimConfig
 from vistrain.engine.schedule import ScheduleConfig

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from vistrain.data.vqa import ImageProcessor, VQAEncoder
-from vistrain.engine import checkpoint as ckpt_lib
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.errors import ConfigError
 from vistrain.interop.tokenizers import TOKENIZER_DIR, load_tokenizer
 from vistrain.models.vlm import VisionLanguageModel

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vistrain.config import ExperimentConfig
-from vistrain.data.config import ImageDataConfig
+from vistrain.data.data_config import ImageDataConfig
 from vistrain.data.loader import MicroBatchStream, build_image_dataset, check_enough_data
 from vistrain.data.sampler import StreamOrder
 from vistrain.engine.images import make_grid

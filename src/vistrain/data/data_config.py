@@ -1,4 +1,5 @@
-"""Configuration of the data sections: the key every task shares, and the image data sets' keys."""
+"""The `data` section of a config: the key every task shares and the image data sets' keys (the engine's
+sections are engine/config_sections.py, the whole experiment's schema and loader vistrain/config.py)."""
 
 from __future__ import annotations
 

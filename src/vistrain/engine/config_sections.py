@@ -1,7 +1,8 @@
-"""The engine's own config sections, `run.*` and `train.*`, and the one list of each set of choices.
+"""The engine's own config sections, `run.*`, `train.*` and `eval.*`, and the one list of each set of choices.
 
-Tasks add their sections (model, data, optim, ...) by extending the experiment config in vistrain/config.py;
-the engine reads only these two.
+Tasks add their sections (model, data, optim, ...) by extending the experiment config in vistrain/config.py (the
+whole schema and its YAML loader; the `data` section's shared keys are data/data_config.py); the engine reads
+only these.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Training metrics: device-side accumulation, console smoothing, time estimates, memory.
+"""Meters of the training loop: device-side accumulation of logged values, timers, MFU peaks, memory (the
+metrics of generated images are eval/image_metrics.py).
 
 The training loop adds a loss every step. Calling `.item()` there would force the host to wait for the GPU
 each step, so `MetricAccumulator` keeps running sums on the device and synchronises only in `reduce()`,

@@ -1,4 +1,5 @@
-"""Atomic, resumable checkpoint folders: writing, checksums, finding and reading them.
+"""Checkpoint folders on disk: writing them atomically, checksums, finding and reading them (what goes into them,
+for any parallelism, is engine/checkpointer.py's job).
 
 Layout (a contract shared with the CLI and the docs, see README "Output folder")::
 

@@ -1,4 +1,5 @@
-"""FID, KID, IS and precision/recall of generated images against reference statistics.
+"""FID, KID, IS and precision/recall of generated images against reference statistics (the training loop's
+meters are engine/meters.py).
 
 Flow: every rank runs the detector over its own generated batches; the features (and for IS the class logits)
 are gathered on rank 0, put in a canonical order, scored there, and the numbers are broadcast so every rank
