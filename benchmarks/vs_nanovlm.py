@@ -335,7 +335,7 @@ def vistrain_round(shape: Shape, stand_ins: StandIns, device: torch.device, prec
 def vistrain_generation(checkpoint: Path, image: Any, prompt: str, shape: Shape, device: torch.device,
                         dtype: torch.dtype, compile_decode: bool | str):
     """A callable that answers the prompt with vistrain's model of a checkpoint, as `vistrain generate` loads it."""
-    from vistrain.tasks.vlm import encode_question, load_for_generation
+    from vistrain.tasks.vlm_inference import encode_question, load_for_generation
 
     model, _, encoder, _ = load_for_generation(checkpoint, device)
     model = model.to(dtype)
