@@ -22,7 +22,6 @@ import var_golden as golden
 import vistrain.models.var as var_module
 from vistrain.cli import main
 from vistrain.engine import checkpoint_files as ckpt_lib
-from vistrain.interop.var_official import var_to_official, vqvae_to_official
 from vistrain.tasks.var import load_transformer
 from vistrain.tasks.vqvae import load_vqvae
 
@@ -185,23 +184,32 @@ def test_sampled_generation_matches_the_original(models, ref, monkeypatch) -> No
 # --------------------------------------------------------------------------- round trip
 
 
-def test_export_to_official_and_import_again_is_identical(models, official, imported, tmp_path) -> None:
-    var, vae = models
-    exported = {"var": var_to_official(var), "vae": vqvae_to_official(vae.state_dict(), len(golden.PATCH_NUMS))}
-    for name in ("var", "vae"):  # the official layout, buffers included, to the bit
-        assert sorted(exported[name]) == sorted(official[name]), name
+def test_export_to_official_and_import_again_is_identical(official, imported, tmp_path, capsys) -> None:
+    """official -> `vistrain import var` -> `vistrain export --format var-official`: the files the official code
+    loads (build_vae_var + load_state_dict), named as the released ones, holding the same tensors to the bit --
+    buffers included -- and importing them again gives the same model folder."""
+    out = tmp_path / "official"
+    assert main(["export", str(imported), "--format", "var-official", "--out", str(out)]) == 0
+    config = json.loads((imported / "config.json").read_text())
+    vae = config["vae"]
+    files = {"vae": out / f"vae_ch{vae['ch']}v{vae['vocab_size']}z{vae['z_channels']}.pth",
+             "var": out / f"var_d{config['model']['depth']}.pth"}
+    for name, path in files.items():
+        exported = torch.load(path, map_location="cpu", weights_only=True)
+        assert sorted(exported) == sorted(official[name]), name
         for key, value in official[name].items():
-            got = exported[name][key]
+            got = exported[key]
             assert got.dtype == value.dtype and torch.equal(got, value), key
-    paths = {name: tmp_path / f"{name}.pth" for name in exported}
-    for name, path in paths.items():
-        torch.save(exported[name], path)
+    assert (out / "provenance.json").is_file() and (out / "checksums.json").is_file()
     again = tmp_path / "again"
-    assert _import(paths["vae"], paths["var"], again) == 0
+    assert _import(files["vae"], files["var"], again) == 0
     first, second = ckpt_lib.load_weights(imported), ckpt_lib.load_weights(again)
     assert sorted(first) == sorted(second)
     assert all(torch.equal(first[k], second[k]) and first[k].dtype == second[k].dtype for k in first)
     assert json.loads((again / "config.json").read_text()) == json.loads((imported / "config.json").read_text())
+    capsys.readouterr()
+    assert main(["export", str(imported), "--format", "transformers", "--out", str(tmp_path / "hf")]) == 2
+    assert "a 'var' model exports as vistrain, var-official" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- errors

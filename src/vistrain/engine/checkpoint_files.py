@@ -302,9 +302,15 @@ def write_model_folder(folder: Path, weights: dict[str, Tensor], model_config: d
     """A model folder for users and `vistrain sample` (imported or exported weights): model.safetensors,
     config.json, provenance.json (`provenance_record`, see vistrain/provenance.py) and checksums.json, appearing
     only when complete. Refuses a folder that is not empty."""
+    return write_new_folder(folder, lambda tmp: write_checkpoint_files(tmp, weights, model_config, None, assets=assets),
+                            provenance_record)
+
+
+def write_new_folder(folder: Path, fill: Callable[[Path], None], provenance_record: Optional[dict] = None) -> Path:
+    """A new folder that appears only complete: `fill(tmp)` writes its files into a temporary folder beside it,
+    provenance.json (`provenance_record`) and checksums.json are added, and the folder is renamed into place.
+    Refuses a folder that is not empty."""
     folder = Path(folder)
-    if provenance_record is not None:
-        assets = {**(assets or {}), provenance.FILE: provenance.to_bytes(provenance_record)}
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise CheckpointError(f"{folder} already exists and is not an empty folder; choose a new --out")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +318,9 @@ def write_model_folder(folder: Path, weights: dict[str, Tensor], model_config: d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write_checkpoint_files(tmp, weights, model_config, train_state=None, assets=assets)
+        fill(tmp)
+        if provenance_record is not None:
+            _write_file(tmp / provenance.FILE, lambda f: f.write(provenance.to_bytes(provenance_record)))
         _write_checksums(tmp)
         if folder.exists():
             folder.rmdir()  # empty, checked above

@@ -213,10 +213,9 @@ def var_from_official(state: dict[str, Tensor], source: str = "--var") -> dict[s
     return out
 
 
-def var_to_official(var: VAR) -> dict[str, Tensor]:
+def var_to_official(state: dict[str, Tensor], cfg: VARConfig) -> dict[str, Tensor]:
     """Our transformer's weights with the buffers the official code keeps in its files."""
-    out = dict(var.state_dict())
-    cfg = var.cfg
+    out = dict(state)
     levels = torch.cat([torch.full((p * p,), i) for i, p in enumerate(cfg.patch_nums)]).view(1, -1)
     out["lvl_1L"] = levels
     allowed = levels.view(-1, 1) >= levels.view(1, -1)
@@ -225,6 +224,19 @@ def var_to_official(var: VAR) -> dict[str, Tensor]:
     for i in range(cfg.depth):
         out[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(C)
     return out
+
+
+def official_file_names(var_cfg: VARConfig, vae_cfg: VQVAEConfig) -> tuple[str, str]:
+    """The released files' names for these architectures: (vae_ch160v4096z32.pth, var_d16.pth) for VAR-d16."""
+    return f"vae_ch{vae_cfg.ch}v{vae_cfg.vocab_size}z{vae_cfg.z_channels}.pth", f"var_d{var_cfg.depth}.pth"
+
+
+def export_official(var_cfg: VARConfig, vae_cfg: VQVAEConfig, var_state: dict[str, Tensor],
+                    vae_state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """{file name: state dict} of the two files the official code's build_vae_var + load_state_dict take."""
+    vae_name, var_name = official_file_names(var_cfg, vae_cfg)
+    return {vae_name: vqvae_to_official(vae_state, len(vae_cfg.patch_nums)),
+            var_name: var_to_official(var_state, var_cfg)}
 
 
 def import_official(vae_path: str | Path, var_path: str | Path,

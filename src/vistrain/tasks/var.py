@@ -41,10 +41,11 @@ from vistrain.engine.schedule import ScheduleConfig, warmup_length
 from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
 from vistrain.errors import ConfigError
 from vistrain.eval.score import balanced_share, default_best, in_loop_scorer
+from vistrain.interop.var_official import export_official
 from vistrain.models.var import VAR, VARConfig
-from vistrain.models.vqvae import VQVAE
+from vistrain.models.vqvae import VQVAE, VQVAEConfig
 from vistrain.tasks import TaskSpec, register
-from vistrain.tasks.capabilities import ImageSampler, SampleOption, SampleRequest
+from vistrain.tasks.capabilities import Exporter, ImageSampler, SampleOption, SampleRequest
 from vistrain.tasks.vqvae import load_vqvae
 
 # VAR's no-weight-decay names (besides biases, 1-D parameters, embeddings and norms, which never decay)
@@ -385,5 +386,31 @@ class VARSampler(ImageSampler):
         return request.options.get("num_per_class") or min(model_config["model"]["num_classes"], 10)
 
 
-register(TaskSpec(name="var", config=VARExperimentConfig, build=VARTask, capabilities=(VARSampler(),),
+class OfficialExport(Exporter):
+    """`vistrain export --format var-official`: the two files of FoundationVision/VAR (vae_ch*v*z*.pth and
+    var_d*.pth, named as the released ones) that its build_vae_var + load_state_dict take. A run's tokenizer is
+    read from var.tokenizer's folder; an imported model folder carries its own."""
+
+    formats = ("var-official",)
+
+    def export(self, fmt: str, folder: Path, out: Path, provenance: dict) -> Path:
+        model_config, weights = ckpt_lib.load_model_config(folder), ckpt_lib.load_weights(folder)
+        if any(k.startswith("vae.") for k in weights):
+            vae_config = model_config["vae"]
+            vae_state = {k[len("vae."):]: v for k, v in weights.items() if k.startswith("vae.")}
+        else:
+            vae, vae_config = load_tokenizer(model_config["tokenizer"], torch.device("cpu"))
+            vae_state = vae.state_dict()
+        var_state = {k[len("var."):]: v for k, v in weights.items() if k.startswith("var.")}
+        files = export_official(VARConfig(**model_config["model"]), VQVAEConfig(**vae_config), var_state, vae_state)
+
+        def fill(tmp: Path) -> None:
+            for name, state in files.items():
+                torch.save(state, tmp / name)
+
+        return ckpt_lib.write_new_folder(out, fill, provenance_record=provenance)
+
+
+register(TaskSpec(name="var", config=VARExperimentConfig, build=VARTask,
+                  capabilities=(VARSampler(), OfficialExport()),
                   smoke_overrides=("model.depth=2", "var.num_samples=4", "var.val_images=16")))
