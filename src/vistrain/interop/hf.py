@@ -9,7 +9,6 @@ section below.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from vistrain.interop.json_files import read_json_object
 from vistrain.models.llama import LanguageModel, LlamaConfig
 from vistrain.models.vit import VisionTransformer, ViTConfig
 
@@ -51,7 +51,7 @@ __all__ = [
     "llama_state_dict_to_hf",
     "load_llama_from_hf",
     "load_vit_from_hf",
-    "read_hf_safetensors",
+    "read_hf_weights",
     "vit_config_from_hf",
     "vit_config_to_hf",
     "vit_state_dict_from_hf",
@@ -235,42 +235,38 @@ def vit_config_to_hf(cfg: ViTConfig) -> dict[str, Any]:
     }
 
 
-def _read_json(path: Path, source: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ViTImportError(f"{source}: cannot read {path.name} ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise ViTImportError(f"{source}: {path.name} is not a JSON object")
-    return data
-
-
-def _read_hf_weights(folder: Path, source: str) -> dict[str, Tensor]:
-    """The tensors of model.safetensors, of a sharded model.safetensors.index.json, or of pytorch_model.bin."""
+def read_hf_weights(folder: str | Path, error: type[ValueError] = ValueError, where: str = "") -> dict[str, Tensor]:
+    """All tensors of a folder's model.safetensors, of the shards its model.safetensors.index.json lists, or of its
+    pytorch_model.bin (read as plain tensors only: weights_only). Raises `error` naming `where` (default: the
+    folder) and the file it could not use."""
+    folder = Path(folder)
+    where = where or str(folder)
     single, index, pickle = (folder / n for n in ("model.safetensors", "model.safetensors.index.json",
                                                   "pytorch_model.bin"))
-    try:
-        if single.is_file():
-            return load_file(single)
-        if index.is_file():
-            weight_map = _read_json(index, source).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ViTImportError(f"{source}: {index.name} has no 'weight_map'")
-            state: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                state.update(load_file(folder / shard))
-            return state
-        if pickle.is_file():
-            state = torch.load(pickle, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-                raise ViTImportError(f"{source}: {pickle.name} is not a flat state dict of tensors")
-            return state
-    except ViTImportError:
-        raise
-    except Exception as e:
-        raise ViTImportError(f"{source}: cannot read the weights ({type(e).__name__}: {e})") from None
-    raise ViTImportError(f"{source}: no weights (model.safetensors, model.safetensors.index.json or "
-                         "pytorch_model.bin)")
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = read_json_object(index, error, where).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise error(f"{where}: {index.name} has no 'weight_map'")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    elif pickle.is_file():
+        files = [pickle]
+    else:
+        raise error(f"{where}: no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+    state: dict[str, Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise error(f"{path}: missing, but {index.name} lists it")
+        try:
+            part = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                                     weights_only=True)
+        except Exception as e:  # safetensors and torch.load raise many kinds for a damaged file
+            raise error(f"{where}: {path.name} is not a readable weights file ({type(e).__name__}: {e})") from None
+        if not isinstance(part, dict) or not all(isinstance(v, Tensor) for v in part.values()):
+            raise error(f"{where}: {path.name} is not a flat state dict of tensors")
+        state.update(part)
+    return state
 
 
 def load_vit_from_hf(
@@ -286,11 +282,11 @@ def load_vit_from_hf(
         raise ViTImportError(f"{source}: no such folder")
     if not (folder / "config.json").is_file():
         raise ViTImportError(f"{source}: no config.json")
-    hf_config = _read_json(folder / "config.json", source)
+    hf_config = read_json_object(folder / "config.json", ViTImportError, source)
     pre_path = folder / "preprocessor_config.json"
-    preprocessor = _read_json(pre_path, source) if pre_path.is_file() else None
+    preprocessor = read_json_object(pre_path, ViTImportError, source) if pre_path.is_file() else None
     cfg = vit_config_from_hf(hf_config, preprocessor, source, attn_impl)
-    raw = _read_hf_weights(folder, source)
+    raw = read_hf_weights(folder, ViTImportError, source)
     if prefix is None:
         prefix = _vit_prefix(list(raw), source)
     weights = vit_state_dict_from_hf(raw, num_layers=cfg.num_layers, prefix=prefix, source=source)
@@ -480,33 +476,6 @@ def llama_state_dict_to_hf(state_dict: dict[str, Tensor], cfg: LlamaConfig) -> d
     return {theirs: state_dict[ours] for ours, theirs in llama_key_map(cfg).items()}
 
 
-def read_hf_safetensors(folder: str | Path) -> dict[str, Tensor]:
-    """All tensors of a folder's model.safetensors, or of the shards its model.safetensors.index.json lists."""
-    folder = Path(folder)
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise LlamaFormatError(f"{index}: not a safetensors index with a 'weight_map' ({type(e).__name__}: {e})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-    else:
-        other = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
-        hint = f" (found {', '.join(other)}: only safetensors weights are read)" if other else ""
-        raise LlamaFormatError(f"{folder}: no weights, expected model.safetensors or model.safetensors.index.json{hint}")
-    state: dict[str, Tensor] = {}
-    for path in files:
-        if not path.is_file():
-            raise LlamaFormatError(f"{path}: missing, but {index.name} lists it")
-        try:
-            state.update(load_file(path))
-        except Exception as e:
-            raise LlamaFormatError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return state
-
-
 def load_llama_from_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
                        attn_impl: str = "auto") -> tuple[LlamaConfig, LanguageModel]:
     """(config, model in eval mode on the CPU, in `dtype`) from a local LlamaForCausalLM folder."""
@@ -514,16 +483,11 @@ def load_llama_from_hf(folder: str | Path, dtype: torch.dtype = torch.float32,
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise LlamaFormatError(f"{folder}: no config.json; expected a Hugging Face model folder")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise LlamaFormatError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(hf_config, dict):
-        raise LlamaFormatError(f"{config_path}: expected a JSON object")
+    hf_config = read_json_object(config_path, LlamaFormatError)
     cfg = llama_config_from_hf(hf_config, source=str(config_path))
     cfg.attn_impl = attn_impl
     cfg.validate()
-    state = llama_state_dict_from_hf(read_hf_safetensors(folder), cfg, source=str(folder))
+    state = llama_state_dict_from_hf(read_hf_weights(folder, LlamaFormatError), cfg, source=str(folder))
     with torch.device("meta"):  # no random init of weights about to be overwritten
         model = LanguageModel(cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)

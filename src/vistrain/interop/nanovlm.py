@@ -41,7 +41,6 @@ when every row has produced the eos token, and the tokens up to it are the same.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -53,6 +52,7 @@ from torch import Tensor
 
 from vistrain.data.vqa_images import MAX_GRID_SIDE
 from vistrain.data.vqa_text import IMAGE_TOKEN, add_vqa_special_tokens, vqa_special_tokens
+from vistrain.interop.json_files import read_json_object
 from vistrain.models.llama import LlamaConfig
 from vistrain.models.vit import ViTConfig
 from vistrain.models.vlm import WEIGHTS_PREFIX, VisionLanguageModel, VLMConfig
@@ -83,13 +83,7 @@ def read_nanovlm_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     if not Path(folder).is_dir():
         raise NanoVLMFormatError(f"{folder}: no such folder (expected one written by nanoVLM's save_pretrained)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise NanoVLMFormatError(f"{path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise NanoVLMFormatError(f"{path}: not a JSON object")
-    return config
+    return read_json_object(path, NanoVLMFormatError)
 
 
 _KINDS = {  # the type checks of config values

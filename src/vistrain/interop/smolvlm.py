@@ -46,11 +46,12 @@ from vistrain.interop.hf import (
     llama_config_to_hf,
     llama_state_dict_from_hf,
     llama_state_dict_to_hf,
-    read_hf_safetensors,
+    read_hf_weights,
     vit_config_to_hf,
     vit_state_dict_from_hf,
     vit_state_dict_to_hf,
 )
+from vistrain.interop.json_files import read_json_object
 from vistrain.models.vit import ViTConfig
 from vistrain.models.vlm import WEIGHTS_PREFIX, VLMConfig
 
@@ -91,16 +92,6 @@ class SmolVLMFormatError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- config
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SmolVLMFormatError(f"{path}: cannot read it as JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise SmolVLMFormatError(f"{path}: not a JSON object")
-    return data
 
 
 def _int(section: dict, key: str, source: str, where: str = "") -> int:
@@ -184,8 +175,8 @@ def _image_processor(folder: Path) -> tuple[dict[str, Any], str]:
     """The image processor's settings and the file they come from."""
     legacy, nested = folder / "preprocessor_config.json", folder / "processor_config.json"
     if legacy.is_file():
-        return _read_json(legacy), str(legacy)
-    settings = _read_json(nested).get("image_processor") if nested.is_file() else None
+        return read_json_object(legacy, SmolVLMFormatError), str(legacy)
+    settings = read_json_object(nested, SmolVLMFormatError).get("image_processor") if nested.is_file() else None
     if isinstance(settings, dict):
         return settings, f"{nested} (image_processor)"
     raise SmolVLMFormatError(f"{folder}: no image processor settings (preprocessor_config.json, or "
@@ -290,8 +281,10 @@ def _chat_template(folder: Path, tokenizer: Any) -> Optional[str]:
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text()
     for name in ("chat_template.json", "processor_config.json"):
-        if (folder / name).is_file() and isinstance(_read_json(folder / name).get("chat_template"), str):
-            return _read_json(folder / name)["chat_template"]
+        if (folder / name).is_file():
+            template = read_json_object(folder / name, SmolVLMFormatError).get("chat_template")
+            if isinstance(template, str):
+                return template
     return getattr(tokenizer, "chat_template", None)
 
 
@@ -335,7 +328,7 @@ def import_smolvlm(folder: str | Path) -> tuple[dict, dict[str, Tensor], Any]:
                                  "first, e.g. `huggingface-cli download HuggingFaceTB/SmolVLM-256M-Instruct "
                                  "--local-dir DIR`)")
     source = str(folder / "config.json")
-    config = _read_json(folder / "config.json")
+    config = read_json_object(folder / "config.json", SmolVLMFormatError)
     processor, processor_source = _image_processor(folder)
     images, mean, std, tile = _image_settings(processor, processor_source)
     cfg = vlm_config_from_smolvlm(config, mean, std, source)
@@ -346,7 +339,7 @@ def import_smolvlm(folder: str | Path) -> tuple[dict, dict[str, Tensor], Any]:
     _check_image_seq_len(folder, cfg)
     tokenizer = smolvlm_tokenizer(folder, cfg.image_token_id, cfg.lm.vocab_size)
     try:
-        weights = vlm_state_dict_from_smolvlm(read_hf_safetensors(folder), cfg, str(folder))
+        weights = vlm_state_dict_from_smolvlm(read_hf_weights(folder, SmolVLMFormatError), cfg, str(folder))
     except SmolVLMFormatError:
         raise
     except ValueError as e:  # interop/hf.py's errors name the folder and key already
@@ -365,7 +358,7 @@ def import_smolvlm(folder: str | Path) -> tuple[dict, dict[str, Tensor], Any]:
 
 def _check_image_seq_len(folder: Path, cfg: VLMConfig) -> None:
     path = folder / "processor_config.json"
-    seq_len = _read_json(path).get("image_seq_len") if path.is_file() else None
+    seq_len = read_json_object(path, SmolVLMFormatError).get("image_seq_len") if path.is_file() else None
     if seq_len is not None and seq_len != cfg.image_token_length:
         raise SmolVLMFormatError(f"{path}: key 'image_seq_len' is {seq_len!r}, but a {cfg.vision.image_size} px tile "
                                  f"of {cfg.vision.patch_size} px patches folded by {cfg.pixel_shuffle_factor} gives "
