@@ -100,17 +100,18 @@ def context_room(model: VisionLanguageModel, encoded: dict[str, Any]) -> int:
 
 def answer_ids(model: VisionLanguageModel, encoded: dict[str, Any], max_new_tokens: int, eos_id: int,
                greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-               generator: Optional[torch.Generator] = None) -> Tensor:
+               generator: Optional[torch.Generator] = None, compile: bool = False) -> Tensor:
     """The new token ids (N,), N <= max_new_tokens, that the model writes after an encoded question (on the
     model's device); the last is eos_id when it stopped by itself. At most `context_room` tokens: the cache
-    for more would only hold positions the model never learnt."""
+    for more would only hold positions the model never learnt. compile: the decoding step compiled (worth it
+    for many answers on a GPU, as a benchmark asks them; one answer is faster eager)."""
     if max_new_tokens > context_room(model, encoded):
         raise ValueError(f"max_new_tokens {max_new_tokens}: at most {context_room(model, encoded)} fit in the "
                          f"model's context after this prompt")
     device = next(model.parameters()).device
     ids = model.generate(encoded["input_ids"][None].to(device), encoded["pixel_values"].to(device),
                          max_new_tokens=max_new_tokens, eos_token_id=eos_id, greedy=greedy, temperature=temperature,
-                         top_k=top_k, top_p=top_p, generator=generator)
+                         top_k=top_k, top_p=top_p, generator=generator, compile=compile)
     return ids[0]
 
 
