@@ -1,6 +1,7 @@
 """VAR on the engine: the tokenizer trains, the transformer trains on it from its run, both resume exactly,
 sample, and the shipped recipes build with the reference's parameter counts."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,74 @@ def test_progressive_training_grows_the_scales_and_ramps_the_newest_in(tokenizer
     assert "Lt" not in train[5] and "loss/scale_2" not in train[5]  # the last scale is not trained yet
     assert train[5]["tokens_per_s"] == pytest.approx(5 * train[5]["samples_per_s"])  # 1 + 4 tokens
     assert "Lt" in train[11] and train[11]["tokens_per_s"] == pytest.approx(21 * train[11]["samples_per_s"])
+
+
+# --------------------------------------------------------------------------- teacher forcing: speed paths
+
+
+def built_task(out_dir, tokenizer, *overrides):
+    from vistrain.engine.task import TaskEnv
+    from vistrain.tasks import get_spec
+
+    cfg = var_config(out_dir, tokenizer, *overrides)
+    env = TaskEnv(dist=CPU, seed=0, max_steps=8, batch_size=16, micro_batch_size=16, out_dir=Path(out_dir))
+    return get_spec("var").build(cfg, env)
+
+
+def test_teacher_forcing_gives_the_tokens_of_the_plain_fp32_tokenizer(tokenizer_run, tmp_path):
+    """The task encodes with its tokenizer's convolutions in channels-last memory: on the digits, exactly the
+    indices (and nearly the inputs) of the tokenizer as the original runs it. var.encoder_precision=bf16 is
+    faster on tensor cores but moves a few indices (README: 3% of them with the digits tokenizer)."""
+    from vistrain.tasks.var import load_tokenizer
+
+    task = built_task(tmp_path, tokenizer_run)
+    images = torch.stack([task.train_set[i]["image"] for i in range(len(task.train_set))])
+    plain = load_tokenizer(str(tokenizer_run), torch.device("cpu"))[0]  # NCHW, fp32, as loaded
+    with torch.no_grad():
+        idx_list = plain.img_to_idx(images)
+        gt_BL, x_BLCv = task.teacher_forcing(images)
+        assert torch.equal(gt_BL, torch.cat(idx_list, dim=1))
+        torch.testing.assert_close(x_BLCv, plain.quantize.idx_to_var_input(idx_list))
+        bf16_BL, _ = built_task(tmp_path, tokenizer_run, "var.encoder_precision=bf16").teacher_forcing(images)
+    moved = (bf16_BL != gt_BL).float().mean().item()
+    assert 0 < moved < 0.1, moved
+
+
+def test_an_unknown_encoder_precision_is_named(tokenizer_run, tmp_path, capsys):
+    assert vistrain("train", REPO / "configs/var/digits.yaml", *TINY_VAR, f"run.out_dir={tmp_path / 'x'}",
+                    f"var.tokenizer={tokenizer_run}", "var.encoder_precision=fp8") == 2
+    assert "var.encoder_precision='fp8': must be fp32" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_token_cache_trains_as_encoding_on_the_fly_is_built_once_and_resumes_exactly(tokenizer_run, tmp_path,
+                                                                                         capsys):
+    """Digits without flips: every image has one view, so training on its cached tokens is training on the fly."""
+    no_eval = ("eval.metrics=[]", "var.num_samples=2")
+    make_trainer(var_config(tmp_path / "fly", tokenizer_run, *no_eval), CPU).fit()
+    make_trainer(var_config(tmp_path / "cached", tokenizer_run, *no_eval, "var.token_cache=true"), CPU).fit()
+    assert "var.token_cache: encoded 1617 images" in capsys.readouterr().out
+    [cache] = (Path(os.environ["VISTRAIN_CACHE_DIR"]) / "var_tokens").glob("*.npy")
+    tokens = np.load(cache)
+    assert tokens.shape == (1617, 1 + 21) and tokens.dtype == np.int16  # the label, then 1 + 4 + 16 tokens
+    fly, cached = ckpt_lib.load_weights(tmp_path / "fly"), ckpt_lib.load_weights(tmp_path / "cached")
+    assert all(torch.equal(fly[k], cached[k]) for k in fly)
+
+    middle = tmp_path / "cached" / "checkpoints" / "step_00000004"
+    make_trainer(var_config(tmp_path / "resumed", tokenizer_run, *no_eval, "var.token_cache=true",
+                            f"run.resume={middle}"), CPU).fit()
+    assert "var.token_cache: reading" in capsys.readouterr().out  # the file is there: nothing is encoded again
+    resumed = ckpt_lib.load_weights(tmp_path / "resumed")
+    assert all(torch.equal(cached[k], resumed[k]) for k in cached)
+
+
+def test_the_token_cache_refuses_random_flips(tokenizer_run, tmp_path, capsys):
+    from test_faults import snapshot
+
+    folders = (tokenizer_run, tmp_path, Path(os.environ["VISTRAIN_CACHE_DIR"]))
+    before = [snapshot(folder) for folder in folders]
+    assert vistrain("train", REPO / "configs/var/digits.yaml", *TINY_VAR, f"run.out_dir={tmp_path / 'run'}",
+                    f"var.tokenizer={tokenizer_run}", "var.token_cache=true", "data.hflip=true") == 2
+    err = capsys.readouterr().err
+    assert "var.token_cache=true keeps one encoding of each training image" in err and "data.hflip=false" in err
+    assert before == [snapshot(folder) for folder in folders]  # no run folder, no cache file

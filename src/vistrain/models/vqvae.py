@@ -120,6 +120,12 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
+def _silu(x: Tensor) -> Tensor:
+    """SiLU of a normalisation's fresh output: in place when no graph is recorded (VAR's frozen tokenizer, sampling),
+    which spares an allocation per call; training needs the input kept for the backward."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 class ResnetBlock(nn.Module):
     """GN -> SiLU -> conv3x3 -> GN -> SiLU -> dropout -> conv3x3, plus the input (1x1 conv if widths differ)."""
 
@@ -134,8 +140,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
-        h_BCHW = self.conv1(F.silu(self.norm1(x_BCHW)))
-        h_BCHW = self.conv2(self.dropout(F.silu(self.norm2(h_BCHW))))
+        h_BCHW = self.conv1(_silu(self.norm1(x_BCHW)))
+        h_BCHW = self.conv2(self.dropout(_silu(self.norm2(h_BCHW))))
         return self.nin_shortcut(x_BCHW) + h_BCHW  # shortcut first: the original's addition order
 
 
@@ -258,7 +264,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h_BCHW = level(h_BCHW)
         h_BCHW = self.mid(h_BCHW)
-        return self.conv_out(F.silu(self.norm_out(h_BCHW)))
+        return self.conv_out(_silu(self.norm_out(h_BCHW)))
 
 
 class Decoder(nn.Module):
@@ -290,7 +296,7 @@ class Decoder(nn.Module):
         h_BCHW = self.mid(self.conv_in(z_BChw))
         for level in reversed(self.up):
             h_BCHW = level(h_BCHW)
-        return self.conv_out(F.silu(self.norm_out(h_BCHW)))
+        return self.conv_out(_silu(self.norm_out(h_BCHW)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,7 +436,7 @@ class MultiScaleQuantizer(nn.Module):
         """Quantize a latent: the indices of each scale, and the cumulative f_hat after each scale."""
         self._check_f(f_BChw)
         with self._fp32(f_BChw):
-            f_rest = f_BChw.detach().float().clone()
+            f_rest = f_BChw.detach().float().clone(memory_format=torch.contiguous_format)
             f_hat = torch.zeros_like(f_rest)
             idx_list, fhat_list = [], []
             for si, pn in enumerate(self.patch_nums):
@@ -563,6 +569,15 @@ class VQVAE(nn.Module):
     def patch_nums(self) -> list[int]:
         return self.quantize.patch_nums
 
+    def channels_last(self) -> VQVAE:
+        """Keep the encoder's and decoder's convolution weights in channels-last memory, for a frozen tokenizer:
+        convolutions then run in the layout CPUs (oneDNN) and tensor cores prefer, and their outputs stay in it
+        (about 25% faster encoding on a CPU). Values change by float rounding only. The quantizer keeps its
+        layout, and with it its arithmetic (it takes its input contiguous)."""
+        for part in (self.encoder, self.quant_conv, self.post_quant_conv, self.decoder):
+            part.to(memory_format=torch.channels_last)
+        return self
+
     @property
     def blocks(self) -> list[nn.Module]:
         """The levels, in execution order, for per-block activation checkpointing / compile / FSDP.
@@ -601,6 +616,20 @@ class VQVAE(nn.Module):
     def img_to_idx(self, img_BCHW: Tensor) -> list[Tensor]:
         """Images -> one LongTensor (B, pn*pn) of code indices per scale."""
         return self.quantize.f_to_idx(self.encode(img_BCHW))
+
+    @torch.no_grad()
+    def img_to_var_targets(self, img_BCHW: Tensor, encoder_bf16: bool = False) -> tuple[Tensor, Tensor]:
+        """VAR's teacher forcing for a batch of images: its targets (B, L), the indices of every scale in one
+        row, and the transformer's inputs (B, L - pn0^2, Cvae) (quantize.idx_to_var_input).
+
+        The encoder runs in fp32 with any autocast switched off, or with encoder_bf16 under bf16 autocast
+        (several times faster on tensor cores; a few indices, whose nearest codes are almost tied, may then
+        differ). The quantizer computes in fp32 either way.
+        """
+        with torch.autocast(img_BCHW.device.type, dtype=torch.bfloat16, enabled=encoder_bf16):
+            f_BChw = self.encode(img_BCHW)
+        idx_list = self.quantize.f_to_idx(f_BChw.float())
+        return torch.cat(idx_list, dim=1), self.quantize.idx_to_var_input(idx_list)
 
     def idx_to_img(self, idx_list: list[Tensor]) -> Tensor:
         """Code indices of all scales -> images in [-1, 1]."""

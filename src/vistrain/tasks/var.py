@@ -6,8 +6,10 @@ ones before (teacher forcing), and the loss is the cross entropy over all tokens
 over the batch, counted in images) so that the engine's global-batch mean is VAR's mean. Progressive
 training (pg, pg0, pgwp) and the lr rule (base lr x global batch / 256) follow the reference.
 
-Teacher forcing encodes on the fly rather than from a pre-tokenised cache: random crops and flips then keep
-working, and the frozen encoder's forward is a small share of a training step (see README, VAR).
+Teacher forcing encodes each batch on the fly, so random crops and flips keep working: the tokenizer's
+convolutions in channels-last memory and in fp32 (the original's tokens; `var.encoder_precision=bf16` is faster
+on tensor cores and moves a few), compiled with encoder and quantizer in one graph where training compiles on
+CUDA. `var.token_cache` encodes the training set once instead (var_tokens.py) and gives up the augmentation.
 
 Every eval logs the teacher-forced val metrics (Lm, Lt, Accm, Acct, per scale) and, in the loop (`eval.mode:
 sync`), `eval.metrics` of `eval.num_samples` class-balanced samples: the digits default asks for the digits
@@ -20,7 +22,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -44,7 +46,7 @@ from vistrain.eval.score import balanced_share, default_best, in_loop_scorer
 from vistrain.interop.var_official import export_official
 from vistrain.models.var import VAR, VARConfig
 from vistrain.models.vqvae import VQVAE, VQVAEConfig
-from vistrain.tasks import TaskSpec, register
+from vistrain.tasks import TaskSpec, register, var_tokens
 from vistrain.tasks.capabilities import Exporter, ImageSampler, SampleOption, SampleRequest
 from vistrain.tasks.vqvae import load_vqvae
 
@@ -66,6 +68,10 @@ class VARTrainConfig:
     sample_top_p: float = 0.96
     num_samples: int = 40  # images in the eval grid (one column per class)
     val_images: int = 1024  # at most this many val images for the val metrics
+    # The frozen tokenizer's encoder in teacher forcing, whatever train.precision: fp32 (the original's tokens) or
+    # bf16 (faster on tensor cores, but 3% of the digits tokenizer's indices differ from fp32's: see README)
+    encoder_precision: str = "fp32"
+    token_cache: bool = False  # encode the training images once and keep their tokens on disk (no augmentation)
 
 
 def _var_optim() -> OptimConfig:
@@ -81,6 +87,14 @@ class VARExperimentConfig(ExperimentConfig):
     model: VARConfig = field(default_factory=VARConfig)
     var: VARTrainConfig = field(default_factory=VARTrainConfig)
     optim: OptimConfig = field(default_factory=_var_optim)
+
+
+def encoder_bf16(encoder_precision: str) -> bool:
+    """Whether teacher forcing encodes in bf16 (var.encoder_precision)."""
+    if encoder_precision not in ("fp32", "bf16"):
+        raise ConfigError(f"var.encoder_precision={encoder_precision!r}: must be fp32 (the default: the tokens of an "
+                          "fp32 encoder) or bf16 (faster on tensor cores; a few percent of the tokens differ)")
+    return encoder_precision == "bf16"
 
 
 def load_tokenizer(path: Optional[str], device: torch.device) -> tuple[VQVAE, dict]:
@@ -109,9 +123,19 @@ class VARTask(Task):
         self.cfg, self.env = cfg, env
         self.device = env.dist.device
         t = cfg.var
+        if t.token_cache:
+            var_tokens.refuse_augmentation(cfg.data)
         self.vae, vae_config = load_tokenizer(t.tokenizer, self.device)
+        self.vae.channels_last()  # frozen: it encodes (teacher forcing) and decodes (samples) only
         self.vae_config = vae_config
         self._check_shapes(cfg, vae_config)
+        self.encoder_bf16 = encoder_bf16(t.encoder_precision)
+        # Compiled where training compiles, on CUDA: one graph of encoder and quantizer (and one of the inputs
+        # made from cached tokens).
+        self._targets, self._inputs = self.vae.img_to_var_targets, self.vae.quantize.idx_to_var_input
+        if cfg.train.compile and self.device.type == "cuda":
+            self._targets = torch.compile(self._targets, dynamic=False)
+            self._inputs = torch.compile(self._inputs, dynamic=False)
         self.train_set = build_image_dataset(cfg.data, "train")
         self.val_set = build_image_dataset(cfg.data, "val")
         check_enough_data(self.train_set, env.batch_size, f"the {cfg.data.name} training set")
@@ -124,13 +148,14 @@ class VARTask(Task):
         lr = t.base_lr * env.batch_size / 256
         self.optimizers = {"main": OptimizerSpec("var", dataclasses.replace(cfg.optim, lr=lr))}
         dist_ctx = env.dist
-        self.images = MicroBatchStream(self.train_set, StreamOrder(len(self.train_set), env.seed),
+        patch_nums = cfg.model.patch_nums
+        self.L = sum(p * p for p in patch_nums)
+        train_items = self._token_maps() if t.token_cache else self.train_set
+        self.images = MicroBatchStream(train_items, StreamOrder(len(train_items), env.seed),
                                        env.micro_batch_size, dist_ctx.rank, dist_ctx.world_size, cfg.data.num_workers)
         self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.images)]
         self.scorer = in_loop_scorer(cfg.eval, env.dist, cfg.data.name)  # built now: a missing detector fails before step 1
         self.best_metric = default_best(cfg.eval.metrics) or ("Lt", "min")
-        patch_nums = cfg.model.patch_nums
-        self.L = sum(p * p for p in patch_nums)
         self.ends = [sum(p * p for p in patch_nums[: i + 1]) for i in range(len(patch_nums))]  # token end per scale
         n_params = sum(p.numel() for p in var.parameters())
         C = 64 * cfg.model.depth
@@ -179,36 +204,62 @@ class VARTask(Task):
         ramp = max(1, round(self.cfg.var.pgwp * self.env.max_steps))
         return max(min(since / ramp, 1.0), 0.01)
 
+    def _token_maps(self) -> var_tokens.TokenMaps:
+        """var.token_cache: the training set's tokens, read from the cache (encoded into it first if needed)."""
+        cfg, env = self.cfg, self.env
+        key = var_tokens.cache_key(self.vae, self.vae_config, self.encoder_bf16, cfg.data, self.train_set)
+        path = var_tokens.cache_path(key)
+        dtype = var_tokens.token_dtype(cfg.model.vocab_size, cfg.model.num_classes + 1)
+        seconds = var_tokens.build(path, self.train_set, lambda image: self.teacher_forcing(image)[0], self.L, dtype,
+                                   self.device, env.micro_batch_size, cfg.data.num_workers, env.dist)
+        self.token_cache_build_s = seconds  # None: it was there already
+        if env.dist.is_main:
+            done = "reading" if seconds is None else f"encoded {len(self.train_set)} images in {seconds:.1f} s into"
+            print(f"var.token_cache: {done} {path}", flush=True)
+        return var_tokens.TokenMaps(path)
+
     # ----------------------------------------------------------------------------------------- loss
 
     @torch.no_grad()
     def teacher_forcing(self, image_BCHW: Tensor) -> tuple[Tensor, Tensor]:
         """Targets (B, L) and transformer inputs (B, L - 1, Cvae) of a batch, from the frozen tokenizer."""
-        idx_list = self.vae.img_to_idx(image_BCHW.float())
-        return torch.cat(idx_list, dim=1), self.vae.quantize.idx_to_var_input(idx_list)
+        return self._targets(image_BCHW.float(), encoder_bf16=self.encoder_bf16)
+
+    @torch.no_grad()
+    def cached_teacher_forcing(self, tokens_BL: Tensor) -> tuple[Tensor, Tensor]:
+        """The same from cached targets: only the inputs are made, from the codes (no encoder)."""
+        idx_list = list(tokens_BL.split([p * p for p in self.cfg.model.patch_nums], dim=1))
+        return tokens_BL, self._inputs(idx_list)
 
     def loss(self, nets, batch) -> PhaseLoss:
-        gt_BL, x_BLCv = self.teacher_forcing(batch["image"])
+        if "tokens" in batch:
+            gt_BL, x_BLCv = self.cached_teacher_forcing(batch["tokens"])
+        else:
+            gt_BL, x_BLCv = self.teacher_forcing(batch["image"])
         label_B = batch["label"]
         B = gt_BL.shape[0]
         si = self.progressive_scale(self.step)
         ed = self.ends[si] if si >= 0 else self.L
         logits_BLV = nets["var"](label_B, x_BLCv[:, : ed - 1], prog_si=si).float()
         gt_BL = gt_BL[:, :ed]
-        ce_BL = F.cross_entropy(logits_BLV.transpose(1, 2), gt_BL, reduction="none",
-                                label_smoothing=self.cfg.var.label_smoothing)
+        smoothing = self.cfg.var.label_smoothing
+        ce_BL = _cross_entropy_BL(logits_BLV, gt_BL, smoothing)
         # Every token weighs 1/L (so a sample's loss is its mean CE); the newest scale ramps in when progressive.
         weight_L = torch.full((ed,), 1.0 / self.L, device=ce_BL.device)
         if si >= 0:
             begin = self.ends[si - 1] if si > 0 else 0
             weight_L[begin:ed] *= self._newest_scale_weight(self.step, si)
         loss_B = (ce_BL * weight_L).sum(1)
-        metrics = self._token_metrics(logits_BLV.detach(), gt_BL, full=si < 0)
+        # the metrics' plain cross entropy is the loss's own when there is no smoothing: not computed twice
+        metrics = self._token_metrics(logits_BLV.detach(), gt_BL, full=si < 0,
+                                      ce_BL=ce_BL.detach() if smoothing == 0 else None)
         return PhaseLoss(loss_B.sum(), count=B, metrics=metrics, samples=B, tokens=B * ed)
 
-    def _token_metrics(self, logits_BLV: Tensor, gt_BL: Tensor, full: bool) -> dict[str, Tensor]:
+    def _token_metrics(self, logits_BLV: Tensor, gt_BL: Tensor, full: bool,
+                       ce_BL: Optional[Tensor] = None) -> dict[str, Tensor]:
         """VAR's Lm, Accm (all tokens), Lt, Acct (the last scale) and per-scale ones, summed over samples."""
-        ce_BL = F.cross_entropy(logits_BLV.transpose(1, 2), gt_BL, reduction="none")
+        if ce_BL is None:
+            ce_BL = _cross_entropy_BL(logits_BLV, gt_BL)
         hit_BL = (logits_BLV.argmax(-1) == gt_BL).float() * 100
         metrics = {"Lm": ce_BL.mean(1).sum(), "Accm": hit_BL.mean(1).sum()}
         begin = 0
@@ -273,9 +324,9 @@ class VARTask(Task):
         def chunks():
             for i in range(0, len(classes_N), ev.batch_size):
                 classes_B = classes_N[i:i + ev.batch_size]
-                f_hat = var.generate(self.vae, classes_B.to(self.device), cfg=t.sample_cfg, top_k=t.sample_top_k,
-                                     top_p=t.sample_top_p, generator=generator)
-                yield self.vae.fhat_to_img(f_hat), classes_B
+                images = generate_images(var, self.vae, classes_B.to(self.device), cfg=t.sample_cfg,
+                                         top_k=t.sample_top_k, top_p=t.sample_top_p, generator=generator)
+                yield images, classes_B
 
         return self.scorer.score_samples(chunks())
 
@@ -284,9 +335,9 @@ class VARTask(Task):
         classes = self.cfg.model.num_classes
         label_B = (torch.arange(t.num_samples) % classes).to(self.device)
         generator = torch.Generator(self.device).manual_seed(1234)
-        f_hat = var.generate(self.vae, label_B, cfg=t.sample_cfg, top_k=t.sample_top_k, top_p=t.sample_top_p,
-                             generator=generator)
-        return make_grid(self.vae.fhat_to_img(f_hat).float().cpu(), nrow=min(classes, t.num_samples))
+        images = generate_images(var, self.vae, label_B, cfg=t.sample_cfg, top_k=t.sample_top_k,
+                                 top_p=t.sample_top_p, generator=generator)
+        return make_grid(images.float().cpu(), nrow=min(classes, t.num_samples))
 
     # ---------------------------------------------------------------------------------- state, export
 
@@ -300,6 +351,13 @@ class VARTask(Task):
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.images.load_state_dict(state["images"])
+
+
+def _cross_entropy_BL(logits_BLV: Tensor, gt_BL: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Per-token cross entropy (B, L), over rows of logits laid out (B*L, V): softmax over contiguous memory."""
+    B, L, V = logits_BLV.shape
+    return F.cross_entropy(logits_BLV.reshape(B * L, V), gt_BL.reshape(B * L), reduction="none",
+                           label_smoothing=label_smoothing).view(B, L)
 
 
 def _load_transformer(var: VAR, path: str) -> None:
@@ -337,23 +395,61 @@ def sample_labels(model_config: dict, request: SampleRequest) -> Tensor:
     return torch.arange(request.num) % classes
 
 
-def sample(model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
-           device: torch.device) -> Iterator[Tensor]:
-    """Class-conditional images with CFG, top-k / top-p and a KV cache, in chunks of --batch-size."""
+def sampling_models(model_config: dict, weights: dict[str, Tensor], device: torch.device,
+                    compile: Optional[bool] = None) -> tuple[VAR, VQVAE]:
+    """The transformer and its tokenizer of a run or model folder, for sampling. compile (None: wherever
+    torch.compile has a GPU back end, i.e. on CUDA with Triton) compiles each block with dynamic shapes -- one
+    graph serves every scale and KV-cache length -- and the tokenizer's decoder."""
     var = load_transformer(model_config, weights, device)
     if any(k.startswith("vae.") for k in weights):  # an imported model folder carries its tokenizer
         vae = load_vqvae(model_config["vae"], weights, device)
     else:
         vae = load_tokenizer(model_config["tokenizer"], device)[0]
+    vae.channels_last()
+    if compile if compile is not None else _compiles_fast(device):
+        compile_for_sampling(var, vae)
+    return var, vae
+
+
+def compile_for_sampling(var: VAR, vae: VQVAE, backend: str | Callable = "inductor") -> None:
+    """torch.compile each transformer block with dynamic shapes (the scales' token counts and the KV cache's
+    length vary: one graph serves them all, after the first scale's), and the tokenizer's decoder."""
+    for block in var.blocks:
+        block.compile(dynamic=True, backend=backend)
+    vae.decoder.compile(backend=backend)
+
+
+def _compiles_fast(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False  # torch.compile on a CPU builds C++ for minutes and gains little at sampling sizes
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def generate_images(var: VAR, vae: VQVAE, label_B: Tensor, cfg: float, top_k: int, top_p: float,
+                    more_smooth: bool = False, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Class-conditional images in [-1, 1] (B, C, H, W): VAR's scale-by-scale sampling with guidance, top-k /
+    top-p and a KV cache, then the tokenizer's decoder."""
+    f_hat = var.generate(vae, label_B, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
+                         generator=generator)
+    return vae.fhat_to_img(f_hat)
+
+
+def sample(model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
+           device: torch.device) -> Iterator[Tensor]:
+    """Class-conditional images with CFG, top-k / top-p and a KV cache, in chunks of --batch-size."""
+    var, vae = sampling_models(model_config, weights, device, compile=False if request.options.get("eager") else None)
     labels = sample_labels(model_config, request)
     options = request.options
     generator = torch.Generator(device).manual_seed(request.seed)
-    with torch.no_grad():
-        for start in range(0, len(labels), request.batch_size):
-            label_B = labels[start:start + request.batch_size].to(device)
-            f_hat = var.generate(vae, label_B, cfg=options["cfg"], top_k=options["top_k"], top_p=options["top_p"],
-                                 more_smooth=options["more_smooth"], generator=generator)
-            yield vae.fhat_to_img(f_hat).float().cpu()
+    for start in range(0, len(labels), request.batch_size):
+        label_B = labels[start:start + request.batch_size].to(device)
+        yield generate_images(var, vae, label_B, cfg=options["cfg"], top_k=options["top_k"], top_p=options["top_p"],
+                              more_smooth=options["more_smooth"], generator=generator).float().cpu()
 
 
 class VARSampler(ImageSampler):
@@ -369,6 +465,8 @@ class VARSampler(ImageSampler):
         SampleOption("--more-smooth", bool, False, "the reference's smooth Gumbel option (for visuals, not FID)"),
         SampleOption("--num-per-class", int, None, "K images of every class (a class-balanced set; sets --num)",
                      valid=lambda v: v >= 1, rule="must be at least 1"),
+        SampleOption("--eager", bool, False, "no torch.compile (on CUDA it compiles the blocks and decoder, which "
+                     "takes a minute and pays off over many images)"),
     )
 
     def sample(self, model_config: dict, weights: dict[str, Tensor], request: SampleRequest,
