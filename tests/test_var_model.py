@@ -209,7 +209,6 @@ def test_teacher_forcing_equals_kv_cached_generation() -> None:
     f_hat, cached = model.generate(tok, label, cfg=0.0, top_k=1, return_logits=True)
     assert [t.shape for t in cached] == [(3, pn * pn, V) for pn in PN]
     assert f_hat.shape == (3, CV, 3, 3)
-    assert all(blk.attn.cached_k is None and not blk.attn.caching for blk in model.blocks)
 
     idx_list = [logits.argmax(-1) for logits in cached]  # top_k=1, cfg=0: the greedy choice
     x_BLCv = tok.var_input(idx_list)
@@ -218,6 +217,8 @@ def test_teacher_forcing_equals_kv_cached_generation() -> None:
     logits = model(label, x_BLCv)
     torch.testing.assert_close(logits, torch.cat(cached, dim=1), rtol=1e-5, atol=1e-5)
     assert logits.abs().max() > 1.0  # not a trivially small comparison
+    again = model.generate(tok, label, cfg=0.0, top_k=1)
+    assert torch.equal(again, f_hat)  # the KV caches live in the call: nothing carries over to the next
 
 
 def test_label_dropout_only_in_train_mode() -> None:
@@ -395,3 +396,31 @@ def test_stochastic_depth_drops_whole_branches_and_per_block_compile_builds_one_
     assert counter.frame_count <= 2  # block 0 (rate 0: no scales) and the rest
     torch.manual_seed(1)
     assert not torch.allclose(model(label_B, x_BLCv), eager)  # other drops: the branches are really dropped
+
+
+def test_sampling_compiles_three_block_graphs_for_every_scale_and_batch() -> None:
+    """`vistrain sample` on CUDA compiles each block with dynamic shapes: the token count changes from scale to
+    scale and the KV cache grows, yet the blocks need three graphs (the first scale without a cache, the second
+    with a one-token cache, then every other), whatever the batch; and they sample what the eager blocks do."""
+    from torch._dynamo.testing import CompileCounter
+
+    from vistrain.models.vqvae import VQVAE, VQVAEConfig
+    from vistrain.tasks.var import compile_for_sampling, generate_images
+
+    pn = [1, 2, 3, 4, 5, 6]
+    torch.manual_seed(0)
+    var = VAR(VARConfig(depth=2, num_classes=10, vocab_size=64, z_channels=8, patch_nums=pn)).eval()
+    vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=[1, 2], num_res_blocks=1,
+                            patch_nums=pn)).eval()
+    kw = dict(cfg=1.5, top_k=5, top_p=0.9)
+    eager = generate_images(var, vae, torch.arange(4), generator=torch.Generator().manual_seed(0), **kw)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        compile_for_sampling(var, vae, backend=counter)
+        compiled = generate_images(var, vae, torch.arange(4), generator=torch.Generator().manual_seed(0), **kw)
+        generate_images(var, vae, torch.arange(7), **kw)
+        assert counter.frame_count == 3 + 2  # and the decoder: one graph per batch size, here two
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)

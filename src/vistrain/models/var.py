@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,7 +36,7 @@ from torch import Tensor, nn
 
 from vistrain.models.attention import IMPLS, AttentionMask, attention
 
-__all__ = ["VAR", "VARConfig", "VARTokenizer", "sample_top_k_top_p", "top_k_top_p_filter"]
+__all__ = ["KVCache", "VAR", "VARConfig", "VARTokenizer", "sample_top_k_top_p", "top_k_top_p_filter"]
 
 # The cap on the learned per-head attention temperature, as the original computes it: log(100) in float32.
 _LOG_100 = float(torch.tensor(100.0).log())
@@ -183,6 +181,17 @@ def drop_path_scales(batch: int, p: float, training: bool, device: torch.device)
     return torch.empty(2, batch, 1, 1, device=device).bernoulli_(keep).div_(keep)
 
 
+@dataclass
+class KVCache:
+    """One block's keys (normalised) and values of every token seen so far in generation, (B, H, l, c) each.
+
+    Handed to the block as an argument rather than kept in it: a block compiled with dynamic shapes then sees
+    the growing length as an input of varying size (torch.compile fixes the sizes of module attributes)."""
+
+    k_BHlc: Tensor | None = None
+    v_BHlc: Tensor | None = None
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention on cosine similarities, with a learned per-head temperature.
 
@@ -200,16 +209,9 @@ class SelfAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(width))
         self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width)
-        # KV cache for generation: normalised k and raw v of every token seen so far, (B, H, l, c).
-        self.caching = False
-        self.cached_k: Tensor | None = None
-        self.cached_v: Tensor | None = None
 
-    def kv_caching(self, enabled: bool) -> None:
-        """Switch the KV cache on or off; either way it starts empty."""
-        self.caching, self.cached_k, self.cached_v = enabled, None, None
-
-    def forward(self, x_BLC: Tensor, mask: AttentionMask | None) -> Tensor:
+    def forward(self, x_BLC: Tensor, mask: AttentionMask | None, cache: KVCache | None = None) -> Tensor:
+        """cache (generation): the keys and values of the tokens before these; these are appended to it."""
         B, L, C = x_BLC.shape
         bias_3C = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv_BL3Hc = F.linear(x_BLC, self.mat_qkv.weight, bias_3C).view(B, L, 3, self.heads, self.head_dim)
@@ -217,11 +219,11 @@ class SelfAttention(nn.Module):
         temperature_1H11 = self.scale_mul_1H11.clamp_max(_LOG_100).exp()
         q_BHLc = F.normalize(q_BHLc, dim=-1) * temperature_1H11
         k_BHLc = F.normalize(k_BHLc, dim=-1)
-        if self.caching:
-            if self.cached_k is not None:
-                k_BHLc = torch.cat((self.cached_k, k_BHLc), dim=2)
-                v_BHLc = torch.cat((self.cached_v, v_BHLc), dim=2)
-            self.cached_k, self.cached_v = k_BHLc, v_BHLc
+        if cache is not None:
+            if cache.k_BHlc is not None:
+                k_BHLc = torch.cat((cache.k_BHlc, k_BHLc), dim=2)
+                v_BHLc = torch.cat((cache.v_BHlc, v_BHLc), dim=2)
+            cache.k_BHlc, cache.v_BHlc = k_BHLc, v_BHLc
         o_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, mask, scale=1.0, impl=self.attn_impl)
         return self.proj(o_BHLc.transpose(1, 2).reshape(B, L, C))
 
@@ -257,17 +259,24 @@ class AdaLNSelfAttn(nn.Module):
         if not shared_aln:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x_BLC: Tensor, cond_BD: Tensor, mask: AttentionMask | None,
-                drop_2B11: Tensor | None = None) -> Tensor:
-        """cond_BD: the class embedding (B, D), or with shared_aln the shared projection (B, 1, 6, C);
-        drop_2B11: the stochastic-depth scales of the two branches (drop_path_scales), None for none."""
+    def modulation(self, cond_BD: Tensor) -> Tensor:
+        """The six AdaLN vectors (B, 1, 6, C) of a condition (see forward)."""
         if self.shared_aln:
-            mod_B16C = self.ada_gss + cond_BD
-        else:
-            mod_B16C = self.ada_lin(cond_BD).view(-1, 1, 6, self.width)
+            return self.ada_gss + cond_BD
+        return self.ada_lin(cond_BD).view(-1, 1, 6, self.width)
+
+    def forward(self, x_BLC: Tensor, cond_BD: Tensor | None, mask: AttentionMask | None,
+                drop_2B11: Tensor | None = None, mod_B16C: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """cond_BD: the class embedding (B, D), or with shared_aln the shared projection (B, 1, 6, C);
+        drop_2B11: the stochastic-depth scales of the two branches (drop_path_scales), None for none;
+        mod_B16C: modulation(cond_BD) computed beforehand, in place of cond_BD (generation: the class is the
+        same at every scale, so its projection is made once, not once per scale); cache: generation's KV cache."""
+        if mod_B16C is None:
+            mod_B16C = self.modulation(cond_BD)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)  # each (B, 1, C)
         y_BLC = self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1)
-        branch_BLC = self.attn(y_BLC, mask).mul_(gamma1)
+        branch_BLC = self.attn(y_BLC, mask, cache).mul_(gamma1)
         x_BLC = x_BLC + (branch_BLC if drop_2B11 is None else branch_BLC * drop_2B11[0].to(branch_BLC.dtype))
         y_BLC = self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)
         branch_BLC = self.ffn(y_BLC).mul_(gamma2)
@@ -448,16 +457,6 @@ class VAR(nn.Module):
 
     # ---- generation
 
-    @contextmanager
-    def _kv_cache(self) -> Iterator[None]:
-        for block in self.blocks:
-            block.attn.kv_caching(True)
-        try:
-            yield
-        finally:  # never leave caches (and their memory) behind, even after an error
-            for block in self.blocks:
-                block.attn.kv_caching(False)
-
     @torch.no_grad()
     def generate(
         self,
@@ -494,33 +493,37 @@ class VAR(nn.Module):
 
         cond_2BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.num_classes))))
         block_cond = self._block_cond(cond_2BD)
+        # Copied into tensors of their own: a block compiled with dynamic shapes then takes their batch size as it
+        # comes (tested: as views of the projection's output, or preserving clones, they fix it).
+        mods_2B16C = [block.modulation(block_cond).clone(memory_format=torch.contiguous_format)
+                      for block in self.blocks]
         level_pos_1LC = self._level_pos_1LC()
         x_2BlC = cond_2BD.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start
         x_2BlC = x_2BlC + level_pos_1LC[:, : self.first_l]
         cond_logits: list[Tensor] = []
-        with self._kv_cache():
-            for si, pn in enumerate(self.patch_nums):
-                ratio = si / (SN - 1) if SN > 1 else 0.0
-                for block in self.blocks:
-                    x_2BlC = block(x_2BlC, block_cond, None)
-                logits_2BlV = self._logits(x_2BlC, cond_2BD)
-                if return_logits:
-                    cond_logits.append(logits_2BlV[:B].clone())
-                t = cfg * ratio
-                logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-                logits_BlV = top_k_top_p_filter(logits_BlV, top_k, top_p)
-                idx_Bl = sample_top_k_top_p(logits_BlV, generator=generator)[:, :, 0]
-                if more_smooth:  # a soft mix of codes, from the already filtered logits
-                    tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-                    soft_BlV = _gumbel_softmax(logits_BlV * (1 + ratio), tau, generator)
-                    h_BlCv = soft_BlV.to(codebook_VCv.dtype) @ codebook_VCv
-                else:
-                    h_BlCv = codebook_VCv[idx_Bl]
-                h_BChw = h_BlCv.transpose(1, 2).reshape(B, Cv, pn, pn)
-                f_hat_BChw, next_BChw = tokenizer.quantize.next_input(si, f_hat_BChw, h_BChw)
-                if si != SN - 1:
-                    bg, ed = self.begin_ends[si + 1]
-                    next_BlCv = next_BChw.reshape(B, Cv, -1).transpose(1, 2)
-                    x_BlC = self.word_embed(next_BlCv.to(self.word_embed.weight.dtype)) + level_pos_1LC[:, bg:ed]
-                    x_2BlC = x_BlC.repeat(2, 1, 1)  # the same input for the conditional and the null rows
+        caches = [KVCache() for _ in self.blocks]
+        for si, pn in enumerate(self.patch_nums):
+            ratio = si / (SN - 1) if SN > 1 else 0.0
+            for block, mod_2B16C, cache in zip(self.blocks, mods_2B16C, caches):
+                x_2BlC = block(x_2BlC, None, None, mod_B16C=mod_2B16C, cache=cache)
+            logits_2BlV = self._logits(x_2BlC, cond_2BD)
+            if return_logits:
+                cond_logits.append(logits_2BlV[:B].clone())
+            t = cfg * ratio
+            logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+            logits_BlV = top_k_top_p_filter(logits_BlV, top_k, top_p)
+            idx_Bl = sample_top_k_top_p(logits_BlV, generator=generator)[:, :, 0]
+            if more_smooth:  # a soft mix of codes, from the already filtered logits
+                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+                soft_BlV = _gumbel_softmax(logits_BlV * (1 + ratio), tau, generator)
+                h_BlCv = soft_BlV.to(codebook_VCv.dtype) @ codebook_VCv
+            else:
+                h_BlCv = codebook_VCv[idx_Bl]
+            h_BChw = h_BlCv.transpose(1, 2).reshape(B, Cv, pn, pn)
+            f_hat_BChw, next_BChw = tokenizer.quantize.next_input(si, f_hat_BChw, h_BChw)
+            if si != SN - 1:
+                bg, ed = self.begin_ends[si + 1]
+                next_BlCv = next_BChw.reshape(B, Cv, -1).transpose(1, 2)
+                x_BlC = self.word_embed(next_BlCv.to(self.word_embed.weight.dtype)) + level_pos_1LC[:, bg:ed]
+                x_2BlC = x_BlC.repeat(2, 1, 1)  # the same input for the conditional and the null rows
         return (f_hat_BChw, cond_logits) if return_logits else f_hat_BChw
