@@ -16,7 +16,8 @@ import torch
 
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.eval.digits_judge import DigitsJudge, judge_metrics
-from vistrain.tasks import SampleRequest, get_spec
+from vistrain.tasks import get_spec
+from vistrain.tasks.capabilities import ImageSampler, SampleRequest
 
 
 def main() -> int:
@@ -34,9 +35,9 @@ def main() -> int:
     classes = 10
     labels = [c for c in range(classes) for _ in range(args.per_class)]
     options = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p, "more_smooth": False,
-               "num_per_class": args.per_class}
+               "num_per_class": None}  # the labels below ask for each class in turn
     request = SampleRequest(len(labels), labels, args.seed, 250, options)
-    images = torch.cat(list(spec.sample(model_config, weights, request, torch.device("cpu"))))
+    images = torch.cat(list(spec.capability(ImageSampler).sample(model_config, weights, request, torch.device("cpu"))))
     judge = DigitsJudge.load()
     truth = torch.tensor(labels)
     predicted = judge.logits(images).argmax(1).cpu()

@@ -27,6 +27,7 @@ from vistrain.config import load_config
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.models.vqvae import VQVAE, VQVAEConfig
 from vistrain.tasks import get_spec
+from vistrain.tasks.capabilities import ImageSampler, PromptAnswerer
 
 pytestmark = pytest.mark.slow
 
@@ -228,7 +229,7 @@ def outputs(cfg, run: Path, stand_ins: dict, out: Path) -> None:
     export = out / "export"
     assert vistrain("export", run, "--out", export) == 0
     sources = (run, export)
-    if spec.sample is not None:
+    if spec.capability(ImageSampler) is not None:
         for source in sources:
             assert vistrain("sample", source, "--out", out / f"{source.name}.png", "--num", 4) == 0
         assert vistrain("sample", run, "--out", out / "many.npz", "--num", 6, "--batch-size", 4) == 0
@@ -239,7 +240,7 @@ def outputs(cfg, run: Path, stand_ins: dict, out: Path) -> None:
         assert vistrain("eval", run, *metrics, "--num-images", 20, "--out", out / "eval.json") == 0
     if cfg.task == "vqvae":
         assert vistrain("eval", run, "--metrics", "psnr,ssim", "--num-images", 8, "--out", out / "eval.json") == 0
-    if spec.generate is not None:
+    if spec.capability(PromptAnswerer) is not None:
         from vistrain.data.vqa import digits_vqa
 
         image = out / "digit.png"
