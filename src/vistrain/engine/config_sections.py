@@ -44,6 +44,9 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp | fsdp (FSDP2: parameters, gradients and optimizer state sharded)
     compile: Union[bool, str] = False  # false | model | blocks (torch.compile each repeated block)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    # trainable networks' 4-D weights and the batches' 4-D float tensors (images) in channels_last: convolutions
+    # run NHWC (cuDNN's tensor-core layout), with no transposes around each; values are the same to rounding
+    channels_last: bool = False
     async_checkpoint: bool = False  # write checkpoints in the background; training goes on meanwhile
     peak_tflops: float = 0.0  # the device's peak for `mfu`; 0 = from a table of common GPUs
     log_every: int = 50

@@ -1,5 +1,6 @@
 """Parallelism applied to a task's trainable networks from outside, in torchtitan's order.
 
+    0. memory format: channels_last              train.channels_last
     1. activation checkpointing per block        train.activation_checkpointing
     2. torch.compile per block or whole network  train.compile: model | blocks
     3. DDP, or FSDP2 per block and then the root  train.parallel: ddp | fsdp
@@ -52,6 +53,10 @@ class Parallel:
         mesh = self._device_mesh(dist) if self.fsdp else None
         for name in trainable:
             net = nets[name]
+            # First: compiled graphs are specialised to it, DDP's buckets follow it. FSDP2 shards contiguous
+            # parameters only; there the images' layout alone (to_device) makes the convolutions run channels_last.
+            if cfg.channels_last and not self.fsdp:
+                net.to(memory_format=torch.channels_last)
             blocks = blocks_of(net)
             if cfg.activation_checkpointing:
                 from torch.distributed._composable import checkpoint

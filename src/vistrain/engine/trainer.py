@@ -356,7 +356,7 @@ class Trainer:
         batches = []
         try:
             for _ in range(self.accum):
-                batches.append(to_device(next(phase.data), self.device))
+                batches.append(to_device(next(phase.data), self.device, self.cfg.train.channels_last))
         except StopIteration:
             if not phase.finite_data:
                 raise RuntimeError(f"the data of phase {phase.name!r} ran out; a stream that can end needs "
