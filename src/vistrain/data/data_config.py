@@ -1,9 +1,9 @@
-"""The `data` section of a config: the key every task shares and the image data sets' keys (the engine's
+"""The `data` section of a config: the key every task shares, the image data sets' and the VQA data's (the engine's
 sections are engine/config_sections.py, the whole experiment's schema and loader vistrain/config.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -28,3 +28,39 @@ class ImageDataConfig(DataConfig):
     resolution: int = 32  # square output side in pixels
     channels: int = 3  # 1 (grayscale) or 3 (RGB)
     hflip: bool = False  # random horizontal flip in training only
+
+
+@dataclass
+class VQASource:
+    """One subset: ``path`` is a folder written by ``save_to_disk`` (a Dataset, or a DatasetDict whose
+    ``split`` is taken), a folder of parquet files (split by file name, as on the Hub), or a parquet file or
+    glob. A Dataset, file or glob is a single split: a ``split`` other than "train" is refused there.
+    ``streaming`` reads it as an IterableDataset instead of memory-mapping it.
+
+    Images may be Image features, image bytes, {bytes, path} dicts or paths; a relative path is read from
+    the source's folder (``path`` itself if it is a folder, else the folder that holds it).
+    """
+
+    name: str
+    path: str
+    split: str = "train"
+    streaming: bool = False
+
+
+@dataclass
+class VLMDataConfig(DataConfig):
+    """Visual question answering data, for the VLM task."""
+
+    name: str = "digits"  # digits (the embedded default, no download) | vqa (the_cauldron-shaped sources)
+    sources: list[VQASource] = field(default_factory=list)  # data.name=vqa: training subsets
+    val_sources: list[VQASource] = field(default_factory=list)  # held out; empty: val_size rows split off
+    val_size: int = 256  # validation samples
+    digits_image_size: int = 32
+    seq_length: int = 1024  # tokens per packed row
+    max_images_per_pack: int = 18
+    max_image_size: int = 0  # long side in pixels, a multiple of the tile (vision.image_size); 0: 4 tiles
+    pack_window: int = 4096  # samples packed together (a pure function of seed and position)
+    chat_template: str = "chatml"  # chatml | tokenizer (the tokenizer's own); the smolvlm layout has SmolVLM's
+    image_layout: str = ""  # vistrain | smolvlm (SmolVLM's prompt and tiling); "": model.init's, else vistrain
+    min_ratings: dict[str, int] = field(default_factory=dict)  # the_cauldron rating column -> minimum
+    cache_dir: Optional[str] = None  # per-sample lengths are computed once and cached here

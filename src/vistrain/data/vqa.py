@@ -77,6 +77,7 @@ from vistrain.data.vqa_text import (
     turn_problem,
     vqa_special_tokens,
 )
+from vistrain.data.data_config import VQASource
 from vistrain.durable import AtomicFile
 
 __all__ = [
@@ -97,23 +98,6 @@ _TURN_HINT = "each row's texts must be a list of {user: text, assistant: non-emp
 
 
 # --- sources -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class VQASource:
-    """One subset: ``path`` is a folder written by ``save_to_disk`` (a Dataset, or a DatasetDict whose
-    ``split`` is taken), a folder of parquet files (split by file name, as on the Hub), or a parquet file or
-    glob. A Dataset, file or glob is a single split: a ``split`` other than "train" is refused there.
-    ``streaming`` reads it as an IterableDataset instead of memory-mapping it.
-
-    Images may be Image features, image bytes, {bytes, path} dicts or paths; a relative path is read from
-    the source's folder (``path`` itself if it is a folder, else the folder that holds it).
-    """
-
-    name: str
-    path: str
-    split: str = "train"
-    streaming: bool = False
 
 
 @dataclass

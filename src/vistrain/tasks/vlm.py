@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vistrain.config import ExperimentConfig
-from vistrain.data.data_config import DataConfig
+from vistrain.data.data_config import VLMDataConfig
 from vistrain.data.loader import MicroBatchStream
 from vistrain.data.packing import StreamingMicroBatches
 from vistrain.data.vqa import (
@@ -34,7 +34,6 @@ from vistrain.data.vqa import (
     StreamingPacker,
     VQAEncoder,
     VQARows,
-    VQASource,
     collate_packed,
     collate_padded,
     digits_vqa,
@@ -56,33 +55,22 @@ from vistrain.engine.optim import OptimConfig
 from vistrain.engine.schedule import ScheduleConfig
 from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv, to_device
 from vistrain.errors import ConfigError
-from vistrain.interop.smolvlm import SmolVLMFormatError, to_transformers
 from vistrain.interop.tokenizers import TOKENIZER_DIR, tokenizer_assets
 from vistrain.interop.vlm_parts import build_vlm, lm_tokenizer
 from vistrain.models.llama import LlamaConfig
 from vistrain.models.vit import ViTConfig
 from vistrain.models.vlm import VisionLanguageModel
-from vistrain.provenance import describe
 from vistrain.tasks import TaskSpec, register
-from vistrain.tasks.capabilities import Exporter
-from vistrain.tasks.vlm_inference import VLMAnswerer, checkpoint_tokenizer, decode_answer, image_style, load_vlm
-
-
-@dataclass
-class VLMDataConfig(DataConfig):
-    name: str = "digits"  # digits (the embedded default, no download) | vqa (the_cauldron-shaped sources)
-    sources: list[VQASource] = field(default_factory=list)  # data.name=vqa: training subsets, concatenated
-    val_sources: list[VQASource] = field(default_factory=list)  # held out; empty: val_size rows split off
-    val_size: int = 256  # validation samples
-    digits_image_size: int = 32
-    seq_length: int = 1024  # tokens per packed row
-    max_images_per_pack: int = 18
-    max_image_size: int = 0  # long side in pixels, a multiple of the tile (vision.image_size); 0: 4 tiles
-    pack_window: int = 4096  # samples packed together (a pure function of seed and position)
-    chat_template: str = "chatml"  # chatml | tokenizer (the tokenizer's own); the smolvlm layout has SmolVLM's
-    image_layout: str = ""  # vistrain | smolvlm (SmolVLM's prompt and tiling); "": model.init's, else vistrain
-    min_ratings: dict[str, int] = field(default_factory=dict)  # the_cauldron rating column -> minimum
-    cache_dir: Optional[str] = None  # per-sample lengths are computed once and cached here
+from vistrain.tasks.vlm_inference import (
+    TransformersExport,
+    VLMAnswerer,
+    answer_ids,
+    checkpoint_tokenizer,
+    context_room,
+    decode_answer,
+    image_style,
+    load_vlm,
+)
 
 
 @dataclass
@@ -298,11 +286,10 @@ class VLMTask(Task):
             metrics["acc"] = 100.0 * sum(sum(h) for h in hits.values()) / sum(len(h) for h in hits.values())
         return metrics
 
-    def answer(self, model: VisionLanguageModel, prompt: dict, greedy: bool = True, **sampling) -> str:
-        ids = model.generate(prompt["input_ids"][None].to(self.device), prompt["pixel_values"].to(self.device),
-                             max_new_tokens=self.cfg.vlm.max_new_tokens, eos_token_id=self.eos_id, greedy=greedy,
-                             **sampling)
-        return decode_answer(self.tokenizer, ids[0], self.eos_id)
+    def answer(self, model: VisionLanguageModel, prompt: dict) -> str:
+        """The greedy answer to an encoded val question (as long as the model's context lets it be)."""
+        room = min(self.cfg.vlm.max_new_tokens, context_room(model, prompt))
+        return decode_answer(self.tokenizer, answer_ids(model, prompt, room, self.eos_id), self.eos_id) if room else ""
 
     # ---------------------------------------------------------------------------------- state, export
 
@@ -356,23 +343,6 @@ def _model_folder(path: str, key: str) -> Path:
         raise ConfigError(f"{key}={path} holds a {task!r} model, not a vision-language model: give the run, "
                           "checkpoint or model folder of a VLM")
     return folder
-
-
-class TransformersExport(Exporter):
-    """`vistrain export --format transformers`: an Idefics3 (SmolVLM) folder that transformers' Auto classes load,
-    for a VLM of the smolvlm image layout (interop/smolvlm.py)."""
-
-    formats = ("transformers",)
-
-    def export(self, fmt: str, folder: Path, out: Path, provenance: dict) -> Path:
-        weights = ckpt_lib.load_weights(folder)
-        try:
-            hf_config, hf_weights, files = to_transformers(ckpt_lib.load_model_config(folder), weights,
-                                                           checkpoint_tokenizer(folder), str(folder),
-                                                           describe(provenance))
-        except SmolVLMFormatError as e:
-            raise ConfigError(str(e)) from None
-        return ckpt_lib.write_model_folder(out, hf_weights, hf_config, files, provenance_record=provenance)
 
 
 register(TaskSpec(name="vlm", config=VLMExperimentConfig, build=VLMTask,

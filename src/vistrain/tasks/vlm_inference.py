@@ -1,6 +1,6 @@
 """A trained VLM put to use: its checkpoint or model folder read back (model, tokenizer, how it processes images
-and prompts) and answers generated from it. What `vistrain generate` and the lmms-eval adapter (lmms.py) use,
-without the training task (tasks/vlm.py).
+and prompts), answers generated from it, and its export to transformers. What `vistrain generate`, `vistrain
+export` and the lmms-eval adapter (lmms.py) use, without the training task (tasks/vlm.py).
 
 A folder says how its images and prompts are processed in config.json: `max_image_size`, `image_layout`,
 `image_resize`, `image_labels`, `chat_template` and `eos_token` (models imported from nanoVLM or SmolVLM keep
@@ -21,7 +21,9 @@ from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.errors import ConfigError
 from vistrain.interop.tokenizers import TOKENIZER_DIR, load_tokenizer
 from vistrain.models.vlm import VisionLanguageModel
-from vistrain.tasks.capabilities import Prompt, PromptAnswerer
+from vistrain.interop.smolvlm import SmolVLMFormatError, to_transformers
+from vistrain.provenance import describe
+from vistrain.tasks.capabilities import Exporter, Prompt, PromptAnswerer
 
 
 def checkpoint_tokenizer(folder: Path) -> Any:
@@ -148,3 +150,20 @@ class VLMAnswerer(PromptAnswerer):
         ids = answer_ids(model, encoded, prompt.max_new_tokens, eos_id, greedy=prompt.greedy,
                          temperature=prompt.temperature, top_k=prompt.top_k, top_p=prompt.top_p, generator=generator)
         return decode_answer(tokenizer, ids, eos_id)
+
+
+class TransformersExport(Exporter):
+    """`vistrain export --format transformers`: an Idefics3 (SmolVLM) folder that transformers' Auto classes load,
+    for a VLM of the smolvlm image layout (interop/smolvlm.py)."""
+
+    formats = ("transformers",)
+
+    def export(self, fmt: str, folder: Path, out: Path, provenance: dict) -> Path:
+        weights = ckpt_lib.load_weights(folder)
+        try:
+            hf_config, hf_weights, files = to_transformers(ckpt_lib.load_model_config(folder), weights,
+                                                           checkpoint_tokenizer(folder), str(folder),
+                                                           describe(provenance))
+        except SmolVLMFormatError as e:
+            raise ConfigError(str(e)) from None
+        return ckpt_lib.write_model_folder(out, hf_weights, hf_config, files, provenance_record=provenance)
