@@ -66,6 +66,7 @@ class Parallel:
             if cfg.compile == "blocks":
                 for block in blocks:
                     block.compile()
+                _allow_graphs_for(len(blocks))
             elif cfg.compile == "model":
                 net.compile()
             if self.fsdp:
@@ -154,6 +155,21 @@ class Parallel:
                     stack.callback(module.set_requires_gradient_sync, True)
             yield
 
+
+
+def _allow_graphs_for(num_blocks: int) -> None:
+    """Let torch.compile keep up to four graphs per block of a network (training and no_grad calls, inputs with and
+    without gradients) instead of its 8 per function.
+
+    Every block of a model runs one forward function, and torch.compile keeps at most `recompile_limit` graphs
+    per function, then runs further calls eagerly with one warning that is easy to miss. Blocks that differ (a
+    GAN's, one width per resolution; spectral norm's layers, each of a class of its own) need a graph each, twice
+    over for a GAN's two phases: a 256 px ResNet pair needs 12 per network, and blocks past the eighth graph would
+    stay eager. Raised, never lowered: it is torch's process-wide setting."""
+    from torch._dynamo import config  # loads slowly: only runs that compile per block pay for it
+
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), 4 * num_blocks))
 
 
 def _never_return_a_view(module: nn.Module) -> None:

@@ -1,5 +1,6 @@
-"""train.channels_last: the GAN's trainable networks and its image batches really are channels_last, a few
-steps give the default's numbers to float rounding, and a resumed run stays bit-identical."""
+"""The engine's parallel options on networks like a GAN's. train.channels_last: the trainable networks and the
+image batches really are channels_last, a few steps give the default's numbers to float rounding, and a resumed
+run stays bit-identical. train.compile=blocks: blocks that all differ each keep a compiled graph."""
 
 import json
 import re
@@ -10,7 +11,9 @@ from torch import nn
 
 from vistrain.config import load_config
 from vistrain.engine import checkpoint_files as ckpt_lib
+from vistrain.engine.config_sections import TrainConfig
 from vistrain.engine.dist import DistContext
+from vistrain.engine.parallel import Parallel
 from vistrain.tasks import make_trainer
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -77,3 +80,29 @@ def test_a_channels_last_run_resumes_bit_identically(tmp_path):
     make_trainer(resnet_gan(tmp_path / "b", "train.channels_last=true", f"run.resume={middle}"), CPU).fit()
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Widen(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width + 1)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x))
+
+
+def test_per_block_compile_keeps_a_graph_for_each_of_many_different_blocks(monkeypatch):
+    """torch.compile keeps 8 graphs per function by default and runs the rest eagerly: a 256 px GAN has 12 blocks'
+    worth per network. Ten blocks of ten widths share one forward and must all run compiled."""
+    from torch._dynamo import config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(config, "recompile_limit", 8)  # torch's default, restored after the test
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
+    net = nn.Module()
+    net.blocks = nn.Sequential(*(Widen(width) for width in range(1, 11)))
+    Parallel({"net": net}, ("net",), TrainConfig(compile="blocks"), CPU)
+    before = counters["stats"]["unique_graphs"]
+    net.blocks(torch.randn(2, 1)).sum().backward()
+    assert counters["stats"]["unique_graphs"] - before == 10
