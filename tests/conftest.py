@@ -46,3 +46,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def kill_rng():
+    """The random choices of a kill-and-resume test (which checkpoint to wait for, how long after it to kill), from
+    a seed that is printed -- pytest shows it with a failure -- and can be given back to replay the same choices:
+    VISTRAIN_KILL_SEED=<seed> pytest -k <test>."""
+    import random
+
+    seed = int(os.environ.get("VISTRAIN_KILL_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"kill seed {seed} (replay the same choices with VISTRAIN_KILL_SEED={seed})")
+    return random.Random(seed)
+

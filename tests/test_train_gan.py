@@ -1,6 +1,5 @@
 """End to end through the CLI, as a user runs it: kill and resume, torchrun, bad inputs, sampling."""
 
-import random
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ def final_model(out_dir: Path) -> Path:
     return out_dir / "checkpoints" / latest / "model.safetensors"
 
 
-def test_sigkill_then_rerun_gives_bit_identical_model(tmp_path, subprocess_env, vistrain_cmd):
+def test_sigkill_then_rerun_gives_bit_identical_model(tmp_path, kill_rng, subprocess_env, vistrain_cmd):
     steps = ["train.max_steps=120", "train.ckpt_every=10", "train.eval_every=40", "train.log_every=10"]
     ref = tmp_path / "ref"
     subprocess.run(train_cmd(vistrain_cmd, ref, *steps), env=subprocess_env, check=True, timeout=300,
@@ -43,9 +42,8 @@ def test_sigkill_then_rerun_gives_bit_identical_model(tmp_path, subprocess_env, 
     cmd = train_cmd(vistrain_cmd, run, *steps)
     # The kill lands a random moment after a random early checkpoint: 90 or more steps are still to go then,
     # so the run cannot have finished, and where in a step (or in a save) it lands is left to chance.
-    rng = random.Random()
-    after = run / "checkpoints" / f"step_{rng.choice((10, 20, 30)):08d}"
-    delay = rng.uniform(0.0, 0.3)
+    after = run / "checkpoints" / f"step_{kill_rng.choice((10, 20, 30)):08d}"
+    delay = kill_rng.uniform(0.0, 0.3)
     proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not after.exists():

@@ -2,7 +2,6 @@
 and a VLM built from local Hugging Face folders."""
 
 import json
-import random
 import subprocess
 import sys
 import time
@@ -102,7 +101,7 @@ def test_generate_answers_from_a_run_and_from_an_export(run, tmp_path, capsys):
     assert "none.png" in capsys.readouterr().err
 
 
-def test_sigkill_then_rerun_of_packed_training_is_bit_identical(tmp_path, subprocess_env):
+def test_sigkill_then_rerun_of_packed_training_is_bit_identical(tmp_path, kill_rng, subprocess_env):
     """With two data workers: the packed stream is a pure function of (seed, position)."""
     steps = ["train.max_steps=40", "train.ckpt_every=4", "train.eval_every=1000", "vlm.val_questions=0"]
     args = [sys.executable, "-m", "vistrain", "train", str(DIGITS), *TINY, "data.num_workers=2",
@@ -113,15 +112,14 @@ def test_sigkill_then_rerun_of_packed_training_is_bit_identical(tmp_path, subpro
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "killed"
     cmd = args + [f"run.out_dir={run}"]
-    rng = random.Random()
-    after = run / "checkpoints" / f"step_{rng.choice((4, 8)):08d}"
+    after = run / "checkpoints" / f"step_{kill_rng.choice((4, 8)):08d}"
     proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not after.exists():  # then 30 or more steps are still to go
         assert proc.poll() is None, "the run ended before the checkpoint the kill waits for"
         assert time.time() < deadline
         time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.3))
+    time.sleep(kill_rng.uniform(0.0, 0.3))
     proc.kill()
     proc.wait()
     resumed = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=600)
