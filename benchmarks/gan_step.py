@@ -304,9 +304,10 @@ def measure(case: Case, sides: dict[str, Side]) -> list[dict]:
     return rows
 
 
-def run_cases(cases: list[Case], device: torch.device, budget_s: Optional[float],
-              threads: Optional[int]) -> tuple[list[dict], list[str]]:
-    """Rows of every case measured, and the labels of those the time budget left out."""
+def run_cases(cases: list[Case], device: torch.device, budget_s: Optional[float], threads: Optional[int],
+              measured: Callable[[list[dict]], None]) -> tuple[list[dict], list[str]]:
+    """Rows of every case measured, and the labels of those the time budget left out; `measured` gets the rows so
+    far after each case."""
     rows, skipped, longest = [], [], 0.0
     start = time.perf_counter()
     sides: dict[str, Side] = {}
@@ -320,6 +321,7 @@ def run_cases(cases: list[Case], device: torch.device, budget_s: Optional[float]
                 sides = {side: Side(side, device, threads) for side in SIDES}
             rows += measure(case, sides)
             longest = max(longest, time.perf_counter() - t0)
+            measured(rows)
     finally:
         for side in sides.values():
             side.close()
@@ -419,18 +421,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     # cheapest first, so that a time budget leaves out compiled cases rather than whole resolutions
     cases = [Case(shape, r, b, VARIANTS[n]) for n in names for r, b in zip(shape.resolutions, shape.batches)]
 
-    rows, skipped = run_cases(cases, device, args.time_budget, args.threads)
+    def write(rows: list[dict], skipped: Optional[list[str]] = None) -> None:
+        """The JSON, rewritten after every case: a run stopped from outside (the GPU suite's timeout) keeps the
+        cases it measured. It is final once `skipped` is known."""
+        if args.json:
+            partial = args.json.with_name(args.json.name + ".partial")  # renamed whole: never read half-written
+            partial.write_text(json.dumps({
+                "device": device_description(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                "shape": dataclasses.asdict(shape), "rows": rows, "skipped": skipped, "summary": summary(rows),
+                "complete": skipped is not None}, indent=2) + "\n")
+            partial.replace(args.json)
+
+    rows, skipped = run_cases(cases, device, args.time_budget, args.threads, write)
+    write(rows, skipped)
     title = (f"GAN iteration (D + G step, hinge, Adam, EMA) of the ResNet pair, through the engine and in a bare "
              f"loop, on {device_description(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
              f"{shape.precision}, width {shape.base_channels}; medians of {shape.rounds} alternating rounds of "
              f"{shape.steps} iterations after {shape.warmup} warm-up")
     print_table(rows, skipped, title)
-    result = summary(rows)
-    if args.json:
-        args.json.write_text(json.dumps({"device": device_description(device), "torch": torch.__version__,
-                                         "date": time.strftime("%Y-%m-%d"), "shape": dataclasses.asdict(shape),
-                                         "rows": rows, "skipped": skipped, "summary": result}, indent=2) + "\n")
-    print(f"\n{summary_line(result)}")
+    print(f"\n{summary_line(summary(rows))}")
     return 0
 
 
