@@ -83,3 +83,33 @@ def test_without_a_gpu_the_suite_asks_for_the_smoke(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and not (tmp_path / "x.json").exists()
     assert "sees no CUDA device; on a machine without one, run the smoke: --cpu-smoke" in done.stderr
+
+
+def test_gpu_wheels_fetches_what_the_image_lacks_and_nothing_else(tmp_path):
+    """Downloads from PyPI (as CI can); skipped where it cannot be reached, except on CI."""
+    from importlib.metadata import version
+
+    from packaging.utils import parse_wheel_filename
+
+    def wheels(folder, **env):
+        return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_wheels.sh"), str(folder)],
+                              env={**os.environ, "PYTHON": sys.executable, **env}, capture_output=True, text=True,
+                              timeout=300)
+
+    done = wheels(tmp_path / "whl")
+    if done.returncode != 0 and "neither carried nor on the GPU image" not in done.stderr and not os.environ.get("CI"):
+        pytest.skip(f"PyPI out of reach? {done.stderr[-500:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = {parse_wheel_filename(w.name)[:2] for w in (tmp_path / "whl").iterdir()}
+    # exactly these, at the versions the tests here ran with: no torch, nothing CUDA, no other dependency
+    assert {(str(name), str(v)) for name, v in found} == {
+        (name, version(name)) for name in ("omegaconf", "datasets", "dill", "multiprocess")}
+    for w in (tmp_path / "whl").iterdir():  # each installs on CPython 3.12, Linux x86-64
+        tags = parse_wheel_filename(w.name)[3]
+        assert any(t.interpreter in ("py3", "py312", "cp312") and (t.platform == "any" or "x86_64" in t.platform)
+                   for t in tags), w.name
+
+    # a requirement that is neither carried nor on the image is named
+    done = wheels(tmp_path / "again", GPU_IMAGE_HAS="")
+    assert done.returncode == 1
+    assert f"datasets-{version('datasets')}-py3-none-any.whl needs pyarrow" in done.stderr
