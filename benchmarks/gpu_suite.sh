@@ -13,8 +13,8 @@
 #   vlm_460m  110  vs_nanovlm.py --shape 460m        nanoVLM-460M (its MFU)
 #   var_d20    80  vs_var.py --depth 20 --rounds 2
 #   gan       120  gan_step.py                       ResNet GAN at 128 and 256 px: eager, channels_last, compile, both
-# The originals are checkouts the user fetched (nothing of them is in this repository): $VAR_REF (default ../VAR,
-# FoundationVision/VAR) and $NANOVLM_REF (default ../nanoVLM, huggingface/nanoVLM); where one is missing, that
+# The originals are checkouts the user fetched (nothing of them is in this repository): $VAR_REF (default VAR/ beside
+# the repository, FoundationVision/VAR) and $NANOVLM_REF (default nanoVLM/ beside it); where one is missing, that
 # benchmark runs vistrain's half alone and the table has no ratio for it. Each script writes its --json, which
 # benchmarks/suite_table.py reads into the table; a step that times out or fails is named in its list of steps (the end
 # of its log in the JSON). The JSON goes to --out, by default benchmarks/results/gpu_suite_<date>.json.
@@ -30,8 +30,6 @@
 # (pip --no-index --no-deps) into a temporary folder on PYTHONPATH, and src/ goes on PYTHONPATH too (the same as
 # `pip install --no-deps --target DIR .whl/*.whl` and `pip install --no-deps -e .`).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-repo=$PWD
 
 smoke=0
 out=""
@@ -45,8 +43,14 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ "${SUITE_CPU_SMOKE:-0}" = 1 ] && smoke=1
+# paths given are the caller's; the defaults are the repository's and beside it
+[ -n "$out" ] && out=$(realpath -m "$out")
+var_ref=$(realpath -m "${VAR_REF:-$(dirname "$0")/../../VAR}")
+nanovlm_ref=$(realpath -m "${NANOVLM_REF:-$(dirname "$0")/../../nanoVLM}")
+cd "$(dirname "$0")/.."
+repo=$PWD
 if [ -z "$out" ]; then
-  out=benchmarks/results/gpu_suite_$([ $smoke = 1 ] && echo cpu_smoke_)$(date +%Y-%m-%d).json
+  out=$repo/benchmarks/results/gpu_suite_$([ $smoke = 1 ] && echo cpu_smoke_)$(date +%Y-%m-%d).json
 fi
 
 PY=${PYTHON:-python3}
@@ -69,19 +73,16 @@ if ! "$PY" -c "import omegaconf, datasets" 2>/dev/null; then
   export PYTHONPATH="$PYTHONPATH:$results/site"
 fi
 
-var_ref=${VAR_REF:-../VAR}
-nanovlm_ref=${NANOVLM_REF:-../nanoVLM}
 ref_of() {  # --ref PATH when PATH is a checkout, else nothing (vistrain's half alone)
   if [ $smoke = 0 ] && [ -d "$1" ]; then echo "--ref $1"; fi
 }
 
-deadline=${SUITE_DEADLINE_S:-570}
-start=$SECONDS
+deadline=${SUITE_DEADLINE_S:-570}  # counted from the start of this script ($SECONDS), wheels included
 min_step_s=30  # a step with less time than this left is not started
 
 # budget NAME DEFAULT: a step's seconds: SUITE_BUDGET_<NAME> or DEFAULT, no more than the suite has left
 budget() {
-  local var="SUITE_BUDGET_${1^^}" left=$((deadline - (SECONDS - start)))
+  local var="SUITE_BUDGET_${1^^}" left=$((deadline - SECONDS))
   local seconds=${!var:-$2}
   echo $((seconds < left ? seconds : left))
 }
@@ -124,5 +125,5 @@ else
   step gan "$seconds" gan_step.py --time-budget $((seconds * 2 / 3))
 fi
 
-"$PY" benchmarks/suite_table.py "$results" --out "$out" --seconds $((SECONDS - start)) \
+"$PY" benchmarks/suite_table.py "$results" --out "$out" --seconds $SECONDS \
   $([ $smoke = 1 ] && echo --cpu-smoke)

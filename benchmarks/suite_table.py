@@ -5,7 +5,8 @@
 RESULTS_DIR holds steps.tsv (one line per step the suite ran: name, script, exit status, seconds, time budget)
 and, per step, NAME.json (the script's --json) and NAME.log (what it printed). A row compares vistrain with its
 reference on one measurement: the original (FoundationVision/VAR, huggingface/nanoVLM) or, for the GAN, a bare
-PyTorch loop; a step that timed out or failed gets a row that says so, with the end of its log in the JSON.
+PyTorch loop. Below the rows, every step with its outcome (ok, timed out, failed, not run) and its verdict line;
+the JSON keeps the end of the log of each step that did not end well.
 """
 
 from __future__ import annotations
@@ -23,17 +24,15 @@ TIMED_OUT = (124, 137)  # timeout(1)'s status, and a SIGKILL after its grace per
 LOG_TAIL = 30  # lines of a failed step's log kept in the JSON
 
 
-def row(benchmark: str, case: str, unit: str, ours: Optional[dict], theirs: Optional[dict], reference: str,
-        rate: str, peak: str, mfu: Optional[str] = None) -> dict:
-    """One measurement: `rate` and `peak` name the fields of the two sides' dicts (either may be missing)."""
-    mine = ours[rate] if ours else None
-    other = theirs[rate] if theirs else None
+def row(benchmark: str, case: str, unit: str, ours: dict, theirs: Optional[dict], reference: str, rate: str,
+        peak: Optional[str] = None, mfu: Optional[str] = None) -> dict:
+    """One measurement: `rate`, `peak` and `mfu` name fields of the sides' dicts (the reference's may be missing)."""
+    mine, other = ours[rate], theirs[rate] if theirs else None
     return {"benchmark": benchmark, "case": case, "unit": unit, "vistrain": mine, "reference": other,
-            "reference_is": reference if theirs else None,
-            "ratio": mine / other if mine and other else None,
-            "vistrain_peak_mib": ours.get(peak) if ours else None,
-            "reference_peak_mib": theirs.get(peak) if theirs else None,
-            "vistrain_mfu": ours.get(mfu) if ours and mfu else None}
+            "reference_is": reference if theirs else None, "ratio": mine / other if mine and other else None,
+            "vistrain_peak_mib": ours.get(peak) if peak else None,
+            "reference_peak_mib": theirs.get(peak) if theirs and peak else None,
+            "vistrain_mfu": ours.get(mfu) if mfu else None}
 
 
 def vs_var_rows(doc: dict) -> list[dict]:
@@ -44,7 +43,8 @@ def vs_var_rows(doc: dict) -> list[dict]:
             continue
         original = next((o for o in doc["rows"] if o["side"] == "original"
                          and (o["shape"], o["what"]) == (r["shape"], r["what"])), None)
-        case = f"{r['shape']}: {r['what']}" + ("" if r["side"] == "vistrain" else f" ({r['side'].split(', ', 1)[1]})")
+        variant = "" if r["side"] == "vistrain" else f" ({r['side'].removeprefix('vistrain, ')})"  # var.token_cache
+        case = f"{r['shape']}: {r['what']}{variant}"
         rows.append(row("vs_var", case, "images/s", r, original, "original", "images_per_s", "peak_mib", "mfu"))
     return rows
 
@@ -62,7 +62,7 @@ def vs_nanovlm_rows(doc: dict) -> list[dict]:
         if "generate" in res:
             gen = res["generate"]
             rows.append(row("vs_nanovlm", f"{name}: greedy generation (batch 1, {shape['gen_tokens']} tokens)",
-                            "tokens/s", gen["vistrain"], gen.get("nanoVLM"), "original", "tokens_per_s", "-"))
+                            "tokens/s", gen["vistrain"], gen.get("nanoVLM"), "original", "tokens_per_s"))
     return rows
 
 

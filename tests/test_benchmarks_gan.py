@@ -34,7 +34,7 @@ def test_both_sides_of_two_variants_at_the_tiny_shape(gan_step, tmp_path, capsys
     assert [(r["variant"], r["side"]) for r in rows] == [
         ("eager", "bare"), ("eager", "engine"), ("channels_last", "bare"), ("channels_last", "engine")]
     for r in rows:  # one round of two timed iterations, at batch 4
-        assert len(r["rounds_ms"]) == 1 and r["ms_per_iteration"] > 0
+        assert len(r["ms_per_iteration_each_round"]) == 1 and r["ms_per_iteration"] > 0
         assert r["images_per_s"] == pytest.approx(4 / (r["ms_per_iteration"] / 1e3))
         assert r["peak_mib"] is None  # CUDA memory only
     ratios = [e["images_per_s"] / b["images_per_s"] for b, e in zip(rows[::2], rows[1::2])]
