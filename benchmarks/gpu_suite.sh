@@ -6,13 +6,14 @@
 #                                                               # halves only (tests/test_gpu_suite.py runs it)
 #
 # Steps, most wanted first, each under `timeout` with a budget in seconds (the default below, or the environment's
-# SUITE_BUDGET_<STEP>, e.g. SUITE_BUDGET_VAR_D16=200) and never past the suite's deadline (SUITE_DEADLINE_S, 570):
-#   var_d16   150  vs_var.py --depth 16 --rounds 2   VAR-d16, 256 px, bf16, batch 32: training step, teacher forcing
+# SUITE_BUDGET_<STEP>, e.g. SUITE_BUDGET_VAR_D16=200) and never past the suite's deadline (SUITE_DEADLINE_S, 540:
+# the lent machines run a command for 600 s at most):
+#   var_d16   140  vs_var.py --depth 16 --rounds 2   VAR-d16, 256 px, bf16, batch 32: training step, teacher forcing
 #                                                    and class-conditional sampling (cfg 1.5, top-k 900, top-p 0.96)
-#   vlm_222m  110  vs_nanovlm.py --shape 222m        nanoVLM-222M packed training step, greedy generation
-#   vlm_460m  110  vs_nanovlm.py --shape 460m        nanoVLM-460M (its MFU)
+#   vlm_222m  100  vs_nanovlm.py --shape 222m        nanoVLM-222M packed training step, greedy generation
+#   vlm_460m  100  vs_nanovlm.py --shape 460m        nanoVLM-460M (its MFU)
 #   var_d20    80  vs_var.py --depth 20 --rounds 2
-#   gan       120  gan_step.py                       ResNet GAN at 128 and 256 px: eager, channels_last, compile, both
+#   gan       110  gan_step.py                       ResNet GAN at 128 and 256 px: eager, channels_last, compile, both
 # The originals are checkouts the user fetched (nothing of them is in this repository): $VAR_REF (default VAR/ beside
 # the repository, FoundationVision/VAR) and $NANOVLM_REF (default nanoVLM/ beside it); where one is missing, that
 # benchmark runs vistrain's half alone and the table has no ratio for it. Each script writes its --json, which
@@ -77,7 +78,7 @@ ref_of() {  # --ref PATH when PATH is a checkout, else nothing (vistrain's half 
   if [ $smoke = 0 ] && [ -d "$1" ]; then echo "--ref $1"; fi
 }
 
-deadline=${SUITE_DEADLINE_S:-570}  # counted from the start of this script ($SECONDS), wheels included
+deadline=${SUITE_DEADLINE_S:-540}  # counted from the start of this script ($SECONDS), wheels included
 min_step_s=30  # a step with less time than this left is not started
 
 # budget NAME DEFAULT: a step's seconds: SUITE_BUDGET_<NAME> or DEFAULT, no more than the suite has left
@@ -113,15 +114,15 @@ if [ $smoke = 1 ]; then
 else
   # ref_of prints two words or none, hence unquoted
   # shellcheck disable=SC2046
-  step var_d16 "$(budget var_d16 150)" vs_var.py --depth 16 --rounds 2 $(ref_of "$var_ref")
+  step var_d16 "$(budget var_d16 140)" vs_var.py --depth 16 --rounds 2 $(ref_of "$var_ref")
   # shellcheck disable=SC2046
-  step vlm_222m "$(budget vlm_222m 110)" vs_nanovlm.py --shape 222m $(ref_of "$nanovlm_ref")
+  step vlm_222m "$(budget vlm_222m 100)" vs_nanovlm.py --shape 222m $(ref_of "$nanovlm_ref")
   # shellcheck disable=SC2046
-  step vlm_460m "$(budget vlm_460m 110)" vs_nanovlm.py --shape 460m $(ref_of "$nanovlm_ref")
+  step vlm_460m "$(budget vlm_460m 100)" vs_nanovlm.py --shape 460m $(ref_of "$nanovlm_ref")
   # shellcheck disable=SC2046
   step var_d20 "$(budget var_d20 80)" vs_var.py --depth 20 --rounds 2 $(ref_of "$var_ref")
   # gan_step.py starts no case past its own budget, and keeps what it measured if stopped anyway
-  seconds=$(budget gan 120)
+  seconds=$(budget gan 110)
   step gan "$seconds" gan_step.py --time-budget $((seconds * 2 / 3))
 fi
 
