@@ -424,18 +424,3 @@ def test_sampling_compiles_three_block_graphs_for_every_scale_and_batch() -> Non
     finally:
         torch._dynamo.reset()
     assert torch.equal(compiled, eager)
-
-
-def test_sdpa_gets_the_block_causal_mask_once_as_the_additive_mask_it_would_make() -> None:
-    """The boolean mask SDPA would turn into 0 / -inf at every call is handed over in that form, made once per
-    mask: the attention is the boolean mask's to the bit, forward and backward."""
-    mask = _model().attn_mask
-    additive = mask.additive("cpu", dtype=torch.float32)
-    assert additive is mask.additive("cpu", dtype=torch.float32)  # kept
-    assert torch.equal(additive, torch.where(mask.dense("cpu"), 0.0, -math.inf))
-    q, k, v = (torch.randn(2, 3, 14, 8, requires_grad=True) for _ in range(3))
-    got = attention(q, k, v, mask, impl="sdpa")
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense("cpu"))
-    assert torch.equal(got, want)
-    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)),
-                                                 torch.autograd.grad(want.sum(), (q, k, v))))

@@ -7,9 +7,8 @@ A mask is a `mask_mod(b, h, q_idx, kv_idx) -> bool` (True = q may attend to kv),
 
   * "flex": `create_block_mask` evaluates it per 128x128 tile and flex_attention skips the tiles that are
     fully masked (VAR's later scales never look forward; packed documents never look at each other).
-  * "sdpa": evaluated on broadcast index grids it gives a dense boolean mask, which
-    `F.scaled_dot_product_attention` gets as the additive 0 / -inf mask it would make of it at every call (made
-    once per mask and kept). This is the path for CPUs and for training with dropout.
+  * "sdpa": evaluated on broadcast index grids it gives the dense boolean mask that
+    `F.scaled_dot_product_attention` takes. This is the path for CPUs and for training with dropout.
 
 So the two paths cannot disagree about what is masked. Three masks are provided:
 
@@ -167,17 +166,6 @@ class AttentionMask:
             self._cache[key] = m.expand(rows, 1, lq, length).contiguous()
         return self._cache[key]
 
-    def additive(self, device: torch.device | str, length: int | None = None, q_offset: int = 0,
-                 dtype: torch.dtype = torch.float32) -> Tensor:
-        """dense() as the additive mask SDPA turns a boolean one into at every call (0 = attend, -inf = not),
-        made once: the same numbers, without a conversion in each forward and backward."""
-        device, length = self._key(device, length, q_offset)
-        key = ("additive", device, length, q_offset, dtype)
-        if key not in self._cache:
-            allowed = self.dense(device, length, q_offset)
-            self._cache[key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
-        return self._cache[key]
-
     def block_mask(self, device: torch.device | str, length: int | None = None, q_offset: int = 0) -> BlockMask:
         """flex_attention's BlockMask: which 128x128 tiles to compute, and the mask_mod inside them.
         q_offset > 0: the queries are the last length - q_offset tokens, as in dense()."""
@@ -290,7 +278,7 @@ def attention(
             mask._key(q_BHLc.device, Lk)  # the length check of the other masks; then SDPA masks by itself
             is_causal = True
         elif mask is not None and not (mask.kind == "causal" and Lq == 1):  # a causal last row sees every key
-            attn_mask = mask.additive(q_BHLc.device, Lk, q_offset, q_BHLc.dtype)
+            attn_mask = mask.dense(q_BHLc.device, Lk, q_offset)
         return F.scaled_dot_product_attention(
             q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
         )
