@@ -9,7 +9,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def subprocess_env_for() -> dict:
-    """Environment for `vistrain` subprocesses: tests/ importable (toy_task), quiet, few threads."""
+    """Environment for `vistrain` subprocesses: tests/ importable (the support package), quiet, few threads."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO / "src"), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from standin_detector import TwoHeaded, save_scripted
+from support.standin_detector import TwoHeaded, save_scripted
 
-import var_golden as golden
+from support import var_golden as golden
 from vistrain import cli
 from vistrain.config import load_config
 from vistrain.engine import checkpoint_files as ckpt_lib
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = REPO / "tests" / "toy.yaml"
+TOY = REPO / "tests" / "support" / "toy.yaml"
 TOY_RUN = ["train.batch_size=16", "train.max_steps=2", "train.ckpt_every=2", "data.num_workers=0",
            "run.loggers=[jsonl]"]
 TINY_GAN = ["data.resolution=16", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
@@ -44,7 +44,7 @@ def snapshot(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """The folders a user already has: a digits GAN run, a GAN run on an image folder, a VLM run, an imported
-    VAR model (the official layout, small: tests/var_golden.py), and a folder of three images."""
+    VAR model (the official layout, small: tests/support/var_golden.py), and a folder of three images."""
     root = tmp_path_factory.mktemp("runs")
     images = root / "images"
     rng = np.random.default_rng(0)
@@ -117,14 +117,14 @@ def test_eval_refuses_the_digits_judge_for_a_model_of_other_data(runs, capsys):
 @pytest.mark.timeout(60)  # a regression would expand the bomb until memory runs out: stop it long before that
 def test_a_yaml_alias_bomb_or_a_section_holding_itself_is_refused(runs, tmp_path, capsys):
     bomb = tmp_path / "bomb.yaml"
-    lines, previous = ["task: toy_task", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"], "a0"
+    lines, previous = ["task: support.toy_task", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"], "a0"
     for i in range(1, 10):  # 10^10 values once expanded
         lines.append(f"a{i}: &a{i} [{', '.join([f'*{previous}'] * 10)}]")
         previous = f"a{i}"
     bomb.write_text("\n".join(lines) + "\n")
     refused(runs, capsys, ["train", bomb, f"run.out_dir={tmp_path / 'out'}"], 2, str(bomb), "alias bomb")
     itself = tmp_path / "itself.yaml"
-    itself.write_text("task: toy_task\nrun: &r\n  x: *r\n")
+    itself.write_text("task: support.toy_task\nrun: &r\n  x: *r\n")
     refused(runs, capsys, ["train", itself, f"run.out_dir={tmp_path / 'out'}"], 2, str(itself), "holds itself")
     assert not (tmp_path / "out").exists()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def test_a_failing_rank_stops_the_job_with_a_clear_error(tmp_path, subprocess_env):
     config = tmp_path / "toy.yaml"
-    config.write_text("task: toy_task\ntrain: {max_steps: 50, batch_size: 16}\ndata: {num_workers: 0}\n")
+    config.write_text("task: support.toy_task\ntrain: {max_steps: 50, batch_size: 16}\ndata: {num_workers: 0}\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vistrain",
            "train", str(config), f"run.out_dir={tmp_path / 'run'}", "run.loggers=[console]",
            "run.dist_timeout_s=30", "toy.fail_rank=1", "toy.fail_at_step=3"]
@@ -25,7 +25,7 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, subpro
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vistrain",
-           "train", str(Path(__file__).parent / "toy.yaml"), f"run.out_dir={out}", "run.loggers=[jsonl]",
+           "train", str(Path(__file__).parent / "support" / "toy.yaml"), f"run.out_dir={out}", "run.loggers=[jsonl]",
            "train.max_steps=20", "train.batch_size=16", "train.log_every=1", "data.num_workers=0",
            "train.max_nonfinite_steps=3", "toy.nan_rank=1", "toy.nan_from_step=3", "run.dist_timeout_s=60"]
     result = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=240)
@@ -41,7 +41,7 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, subpro
 def test_when_one_rank_runs_out_of_data_every_rank_stops_at_the_same_step(tmp_path, subprocess_env):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vistrain",
-           "train", str(Path(__file__).parent / "toy.yaml"), f"run.out_dir={out}", "run.loggers=[console]",
+           "train", str(Path(__file__).parent / "support" / "toy.yaml"), f"run.out_dir={out}", "run.loggers=[console]",
            "train.max_steps=50", "train.batch_size=16", "train.micro_batch_size=4", "train.ckpt_every=100",
            "data.num_workers=0", "toy.data_ends=[9,14]", "run.dist_timeout_s=60"]
     result = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=240)

@@ -1,5 +1,5 @@
 """vistrain.durable: a file replaced through it is, at every instant, the old file or the new one, whole -- whatever
-kills the writer. The kill comes from inside the writing process (tests/killed_writer.py), just before its n-th
+kills the writer. The kill comes from inside the writing process (tests/support/killed_writer.py), just before its n-th
 step, so every point of the write is hit by construction, with no timing involved."""
 
 import gc
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import TESTS, subprocess_env_for
-from killed_writer import NEW, OLD
+from support.killed_writer import NEW, OLD
 from vistrain import durable
 from vistrain.engine.images import NpzImageWriter
 from vistrain.engine.rundir import RunDir
@@ -22,7 +22,7 @@ from vistrain.engine.rundir import RunDir
 def write_killed_at(path, kill_at) -> int:
     """Replace `path` with NEW in a child process killed before its kill_at-th step; its exit status, negative for a
     signal."""
-    child = subprocess.run([sys.executable, str(TESTS / "killed_writer.py"), str(path), str(kill_at)],
+    child = subprocess.run([sys.executable, str(TESTS / "support" / "killed_writer.py"), str(path), str(kill_at)],
                            env=subprocess_env_for(), capture_output=True, text=True, timeout=60)
     assert child.stderr == "", child.stderr
     return child.returncode

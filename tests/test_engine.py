@@ -18,7 +18,7 @@ CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")
 
 def toy_config(out_dir, *overrides):
     base = [
-        "task=toy_task", f"run.out_dir={out_dir}", "run.loggers=[jsonl]", "train.max_steps=20",
+        "task=support.toy_task", f"run.out_dir={out_dir}", "run.loggers=[jsonl]", "train.max_steps=20",
         "train.batch_size=32", "train.log_every=5", "train.eval_every=100", "train.ckpt_every=5",
         "train.keep_last=0", "data.num_workers=0", "optim.schedule.name=cosine", "optim.schedule.warmup_steps=3",
     ]

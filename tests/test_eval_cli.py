@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from standin_detector import TwoHeaded, save_scripted
+from support.standin_detector import TwoHeaded, save_scripted
 from test_var_task import TINY_VQVAE
 
 from vistrain import cli

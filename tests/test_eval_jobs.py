@@ -12,7 +12,7 @@ from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.trainer import Trainer
 from vistrain.tasks import get_spec
 
-FAKE_JOB = Path(__file__).with_name("fake_eval_job.py")
+FAKE_JOB = Path(__file__).parent / "support" / "fake_eval_job.py"
 
 
 def trainer_with_fake_jobs(out_dir, gate, *overrides):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from standin_detector import TwoHeaded, save_scripted
+from support.standin_detector import TwoHeaded, save_scripted
 from torch import Tensor, nn
 
 from vistrain.engine.dist import DistContext

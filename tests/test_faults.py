@@ -11,7 +11,7 @@ import pytest
 from vistrain import cli
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = REPO / "tests" / "toy.yaml"
+TOY = REPO / "tests" / "support" / "toy.yaml"
 GAN = REPO / "configs" / "gan" / "digits.yaml"
 TOY_RUN = ["train.batch_size=16", "train.max_steps=4", "train.ckpt_every=2", "train.log_every=2",
            "train.eval_every=100", "data.num_workers=0", "run.loggers=[jsonl]"]
@@ -61,7 +61,7 @@ def test_a_start_that_fails_names_the_problem_and_touches_nothing(toy_run, capsy
 
 def test_a_checkpoint_of_another_task_is_named_as_such(toy_run, tmp_path, capsys):
     assert vistrain("train", GAN, f"run.out_dir={tmp_path / 'gan'}", *TINY_GAN, f"run.resume={toy_run}") == 1
-    assert "is a checkpoint of task 'toy_task', and this config trains task 'gan'" in capsys.readouterr().err
+    assert "is a checkpoint of task 'support.toy_task', and this config trains task 'gan'" in capsys.readouterr().err
     assert not (tmp_path / "gan").exists()  # the folder this failed start created is gone again
 
 

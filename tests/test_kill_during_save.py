@@ -46,7 +46,7 @@ class KillingOs:
 
 def config(out_dir, max_steps, async_save):
     return load_config(None, [
-        "task=toy_task", f"run.out_dir={out_dir}", "run.loggers=[jsonl]", f"train.max_steps={max_steps}",
+        "task=support.toy_task", f"run.out_dir={out_dir}", "run.loggers=[jsonl]", f"train.max_steps={max_steps}",
         "train.batch_size=16", "train.log_every=2", "train.eval_every=100", "train.ckpt_every=2",
         "train.keep_last=1", "data.num_workers=0", f"train.async_checkpoint={str(async_save).lower()}",
     ])

@@ -1,4 +1,4 @@
-"""A task of your own, written as README's "Your own task" shows (tests/toy_task.py is one), works with every verb
+"""A task of your own, written as README's "Your own task" shows (tests/support/toy_task.py is one), works with every verb
 its capabilities allow -- train, sample, eval -- without a change anywhere in vistrain; a verb it lacks, or an
 attribute its class forgot, is named."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from standin_detector import TwoHeaded, save_scripted
+from support.standin_detector import TwoHeaded, save_scripted
 from vistrain import cli
 from vistrain.config import ExperimentConfig, load_config
 from vistrain.engine.dist import DistContext
@@ -19,7 +19,7 @@ from vistrain.engine.task import Task
 from vistrain.errors import ConfigError
 from vistrain.tasks import TaskSpec, make_trainer, register
 
-TOY = Path(__file__).resolve().parent / "toy.yaml"
+TOY = Path(__file__).resolve().parent / "support" / "toy.yaml"
 TOY_RUN = ["train.batch_size=16", "train.max_steps=4", "train.ckpt_every=2", "train.log_every=2",
            "train.eval_every=100", "data.num_workers=0", "run.loggers=[jsonl]"]
 
@@ -45,7 +45,7 @@ def test_your_own_task_trains_samples_and_is_scored(tmp_path, capsys):
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
     capsys.readouterr()
     assert vistrain("generate", run, "--prompt", "?") == 2  # a capability the toy task does not have
-    assert "'toy_task' model, which does not generate text" in capsys.readouterr().err
+    assert "'support.toy_task' model, which does not generate text" in capsys.readouterr().err
 
 
 class Forgetful(Task):

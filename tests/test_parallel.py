@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_checks import capture_gradients
-from toy_task import MLP, PairsDataset
+from support.engine_checks import capture_gradients
+from support.toy_task import MLP, PairsDataset
 from vistrain.config import load_config
 from vistrain.data.sampler import StreamOrder
 from vistrain.engine import checkpoint_files as ckpt_lib
@@ -24,7 +24,7 @@ TESTS = Path(__file__).resolve().parent
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 # No dropout: runs on different numbers of ranks draw different random streams, and only the data and the
 # arithmetic should matter here.
-TOY = ["task=toy_task", "toy.dropout=0.0", "train.batch_size=16", "train.log_every=2", "train.eval_every=100",
+TOY = ["task=support.toy_task", "toy.dropout=0.0", "train.batch_size=16", "train.log_every=2", "train.eval_every=100",
        "train.ckpt_every=2", "train.keep_last=0", "data.num_workers=0", "run.loggers=[]", "train.grad_clip=1.0"]
 
 
@@ -36,7 +36,7 @@ def torchrun(args, env, nproc=2):
 
 
 def train(out_dir, env, *overrides, nproc=1):
-    args = ["-m", "vistrain", "train", str(TESTS / "toy.yaml"), f"run.out_dir={out_dir}", *TOY, *overrides]
+    args = ["-m", "vistrain", "train", str(TESTS / "support" / "toy.yaml"), f"run.out_dir={out_dir}", *TOY, *overrides]
     if nproc > 1:
         return torchrun(args, env, nproc)
     result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
@@ -86,7 +86,7 @@ def test_uneven_micro_batches_give_the_gradient_of_the_whole_batch_on_one_rank(t
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_uneven_micro_batches_give_the_gradient_of_the_whole_batch_on_two_ranks(tmp_path, subprocess_env, parallel):
     keep = [1, 2, 4, 1]  # rank 0 keeps 1 + 2 samples, rank 1 keeps 4 + 1
-    torchrun([str(TESTS / "engine_checks.py"), "grads", str(tmp_path), *TOY, "train.max_steps=1",
+    torchrun([str(TESTS / "support" / "engine_checks.py"), "grads", str(tmp_path), *TOY, "train.max_steps=1",
               "train.micro_batch_size=4", "train.grad_clip=0", f"toy.keep={keep}", f"train.parallel={parallel}"],
              subprocess_env)
     expected = reference_gradient(keep, world=2, micro=4)
@@ -134,7 +134,7 @@ def test_fsdp_checkpoint_of_one_rank_resumes_on_two(tmp_path, subprocess_env):
 
 def test_fsdp_accumulation_reduces_gradients_once_per_step(tmp_path, subprocess_env):
     steps, accumulation, fsdp_groups = 3, 4, 3  # the MLP's two blocks and its root are sharded separately
-    torchrun([str(TESTS / "engine_checks.py"), "reductions", str(tmp_path), *TOY, f"train.max_steps={steps}",
+    torchrun([str(TESTS / "support" / "engine_checks.py"), "reductions", str(tmp_path), *TOY, f"train.max_steps={steps}",
               "train.micro_batch_size=2", "train.parallel=fsdp"], subprocess_env)
     for rank in range(2):
         counted = json.loads((tmp_path / f"reductions_rank{rank}.json").read_text())["reduce_scatters"]

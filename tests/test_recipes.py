@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from standin_detector import TwoHeaded, save_scripted
+from support.standin_detector import TwoHeaded, save_scripted
 from vistrain import cli
 from vistrain.config import load_config
 from vistrain.engine import checkpoint_files as ckpt_lib
@@ -171,7 +171,7 @@ def _perceptual_files(root: Path) -> list[str]:
 
 
 def train(args: list[str], env: dict, nproc: int = 1, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    entry = [str(TESTS / "kill_at_step.py"), str(kill_at)] if kill_at is not None else ["-m", "vistrain"]
+    entry = [str(TESTS / "support" / "kill_at_step.py"), str(kill_at)] if kill_at is not None else ["-m", "vistrain"]
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

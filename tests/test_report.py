@@ -141,7 +141,7 @@ def test_the_report_renders_in_headless_chromium_with_its_curves_and_grids(gan_r
 def test_runs_lists_every_run_with_its_task_step_state_best_last_eval_and_size(gan_run, tmp_path, subprocess_env,
                                                                              capsys):
     root = tmp_path / "runs"
-    finished = shutil.copytree(gan_run, root / "finished")
+    shutil.copytree(gan_run, root / "finished")
     stopped = shutil.copytree(gan_run, root / "group" / "stopped")
     config = stopped / "config.yaml"
     config.write_text(config.read_text().replace("max_steps: 4", "max_steps: 8"))  # its last checkpoint: step 4 of 8

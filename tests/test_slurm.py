@@ -131,7 +131,7 @@ def slurm_env(tmp_path, subprocess_env):
 
 def test_time_limit_signal_checkpoints_and_requeues_then_the_requeued_job_resumes(tmp_path, slurm_env):
     config = tmp_path / "toy.yaml"
-    config.write_text("task: toy_task\n"
+    config.write_text("task: support.toy_task\n"
                       "train: {max_steps: 100000, batch_size: 16, ckpt_every: 20, log_every: 20}\n"
                       "data: {num_workers: 0}\nrun: {loggers: [console]}\n")
     out = tmp_path / "run"

@@ -1,7 +1,7 @@
 """`vistrain import var`: official FoundationVision/VAR files -> a vistrain model folder, and parity with the
 original code on the imported models.
 
-The official files are built here, small, by official key name with seeded weights (tests/var_golden.py),
+The official files are built here, small, by official key name with seeded weights (tests/support/var_golden.py),
 saved with torch.save as the originals are, and imported through the command line. Every check then uses
 the folder the importer wrote (the path a user takes): its config, its weights, `vistrain sample` on it,
 and the numbers of the original code on the same weights (tests/data/var_golden.safetensors).
@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import var_golden as golden
+from support import var_golden as golden
 import vistrain.models.var as var_module
 from vistrain.cli import main
 from vistrain.engine import checkpoint_files as ckpt_lib

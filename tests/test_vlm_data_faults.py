@@ -177,7 +177,7 @@ def _rows_with(texts=None, images=None, n=20):
 ], ids=["question_answer", "empty_turns", "texts_a_string", "no_image_decodes", "no_image_file"])
 def test_a_source_that_is_wrong_as_a_whole_is_refused_by_name(tmp_path, rows, features, needle):
     path = save(rows, tmp_path / "bad", features)
-    with pytest.warns(UserWarning, match=f"VQA source 'bad' .* of data.val_sources cannot be used, skipped"), \
+    with pytest.warns(UserWarning, match="VQA source 'bad' .* of data.val_sources cannot be used, skipped"), \
             pytest.raises(ValueError) as error:
         load_vqa_sources([VQASource("bad", path)], key="data.val_sources")
     assert str(error.value).startswith("no VQA source could be loaded (data.val_sources): bad (")

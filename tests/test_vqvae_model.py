@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import var_vae_golden as golden
+from support import var_vae_golden as golden
 from vistrain.models.vqvae import (
     VQVAE,
     Downsample2x,
@@ -80,7 +80,7 @@ def test_phi_selection_follows_the_tick_rule() -> None:
 
 
 def test_matches_the_official_model_on_the_same_weights() -> None:
-    """Golden outputs of the original code (tests/var_vae_golden.py) on seeded weights."""
+    """Golden outputs of the original code (tests/support/var_vae_golden.py) on seeded weights."""
     ref = load_file(str(golden.GOLDEN))
     cfg = VQVAEConfig(**golden.SMALL)
     vae = VQVAE(cfg, resolution=golden.RESOLUTION)

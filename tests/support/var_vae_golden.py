@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-GOLDEN = Path(__file__).resolve().parent / "data" / "var_vae_golden.safetensors"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "var_vae_golden.safetensors"
 SMALL = dict(vocab_size=64, z_channels=8, ch=32, patch_nums=[1, 2, 3, 4, 6, 8], share_quant_resi=4)
 RESOLUTION = 128
 BATCH = 2

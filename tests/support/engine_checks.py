@@ -1,6 +1,6 @@
 """Engine checks run under torchrun by tests/test_parallel.py (not a test module itself).
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/engine_checks.py MODE OUT_DIR [key=value ...]
+    python -m torch.distributed.run --nproc_per_node=2 tests/support/engine_checks.py MODE OUT_DIR [key=value ...]
 
 MODE grads: train the toy task for one step and save the gradients each rank's optimizer was given.
 MODE reductions: train the toy task and save how many FSDP reduce-scatters each rank ran.
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the support package
 
 from vistrain.config import load_config  # noqa: E402
 from vistrain.engine.dist import init_distributed, shutdown  # noqa: E402
@@ -24,7 +24,7 @@ from vistrain.tasks import make_trainer  # noqa: E402
 
 def main() -> None:
     mode, out_dir, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    cfg = load_config(None, ["task=toy_task", f"run.out_dir={out_dir / 'run'}", "run.loggers=[]",
+    cfg = load_config(None, ["task=support.toy_task", f"run.out_dir={out_dir / 'run'}", "run.loggers=[]",
                              "data.num_workers=0", *overrides])
     ctx = init_distributed("cpu", 60, always=cfg.train.parallel == "fsdp")
     trainer = make_trainer(cfg, ctx)

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-import var_vae_golden
+from support import var_vae_golden
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 GOLDEN = DATA / "var_golden.safetensors"
 STATE_DICTS = DATA / "var_small_state_dicts.txt"
 

@@ -1,4 +1,4 @@
-"""`python tests/kill_at_step.py K ARGS...` runs `vistrain ARGS...` and SIGKILLs itself when training is about to
+"""`python tests/support/kill_at_step.py K ARGS...` runs `vistrain ARGS...` and SIGKILLs itself when training is about to
 start step K + 1: after step K's checkpoint is on disk (an async save is waited for) and after its eval. The kill
 lands at a moment fixed by construction, not by a timer. Works under torchrun too (every rank kills itself at the
 same step, and torchrun then ends the job).
@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the support package
 
 from vistrain.cli import main  # noqa: E402
 from vistrain.engine.trainer import Trainer  # noqa: E402

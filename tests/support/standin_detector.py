@@ -1,7 +1,7 @@
 """A TorchScript stand-in for the FID Inception (which tests cannot download), with its interface: uint8
 N x 3 x H x W in, any size; `return_features=True` -> N x D features, without it -> N x K class logits.
 
-`python tests/standin_detector.py OUT.pt` writes one, for trying `vistrain eval --detector` by hand.
+`python tests/support/standin_detector.py OUT.pt` writes one, for trying `vistrain eval --detector` by hand.
 """
 
 import sys

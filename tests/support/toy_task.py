@@ -1,4 +1,4 @@
-"""A tiny regression task for engine tests: `task: toy_task` (tests/ is on sys.path under pytest).
+"""A tiny regression task for engine tests: `task: support.toy_task` (tests/ is on sys.path under pytest).
 
 It is also the shortest complete example of the task contract: a config with its own section, networks and
 an optimizer declared, one phase whose loss is a sum over samples with their count, a resumable data
@@ -84,7 +84,7 @@ class ToySection:
 
 @dataclass
 class Config(ExperimentConfig):
-    task: str = "toy_task"
+    task: str = __name__
     toy: ToySection = field(default_factory=ToySection)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2))
 
@@ -143,7 +143,7 @@ class ToyTask(Task):
         return EvalResult(metrics={"score": 1.0 / step} if self.cfg.toy.score else {})
 
     def model_config(self):
-        return {"task": "toy_task", "width": self.cfg.toy.width, "unused_param": self.cfg.toy.unused_param}
+        return {"task": __name__, "width": self.cfg.toy.width, "unused_param": self.cfg.toy.unused_param}
 
     def state_dict(self):
         if self.env.dist.rank == 0 and self.step == self.cfg.toy.sigterm_at_step:
@@ -171,4 +171,4 @@ class ToySampler(ImageSampler):
                 yield pixels.view(n, 1, 8, 8).expand(n, 3, 8, 8)
 
 
-register(TaskSpec(name="toy_task", config=Config, build=ToyTask, capabilities=(ToySampler(),)))
+register(TaskSpec(name=__name__, config=Config, build=ToyTask, capabilities=(ToySampler(),)))
