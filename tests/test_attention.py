@@ -7,21 +7,12 @@ import math
 import pytest
 import torch
 
+from support.markers import requires_flex
 from vistrain.models import attention as attn_mod
 from vistrain.models.attention import AttentionMask, attention
 
 GROUPS = torch.tensor([0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2])  # VAR's scales for patch_nums [1, 2, 3]
 DOCS = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3], [5, 5, 5, 5, 5, 5, 7, 7, 8, 8, 8, 8, 8, 9]])
-
-
-def _flex_or_skip() -> None:
-    """Skip when flex_attention cannot run here (not importable, or no eager CPU path in this torch)."""
-    q = torch.randn(1, 1, 4, 8)
-    try:
-        with torch.no_grad():
-            attention(q, q, q, AttentionMask.block_causal(torch.tensor([0, 1, 1, 2])), impl="flex")
-    except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"flex_attention does not run on this torch / device: {e}")
 
 
 def _reference(q, k, v, allowed, scale):
@@ -73,10 +64,10 @@ def test_truncated_mask_is_the_prefix_and_masks_are_cached() -> None:
             mask.dense("cpu", length=15)
 
 
+@requires_flex
 @pytest.mark.parametrize("scale", [None, 1.0, 0.3])
 @pytest.mark.parametrize("kind", ["block_causal", "document_causal"])
 def test_sdpa_and_flex_agree_with_the_reference(kind: str, scale: float | None) -> None:
-    _flex_or_skip()
     torch.manual_seed(0)
     mask = AttentionMask.block_causal(GROUPS) if kind == "block_causal" else AttentionMask.document_causal(DOCS)
     q, k, v = (torch.randn(2, 3, 14, 16) for _ in range(3))
@@ -92,8 +83,8 @@ def test_sdpa_and_flex_agree_with_the_reference(kind: str, scale: float | None) 
     assert not torch.allclose(attention(q, k, v, None, scale=scale, impl="sdpa"), o_sdpa, atol=1e-3)
 
 
+@requires_flex
 def test_no_mask_is_full_attention_also_with_a_longer_kv_cache() -> None:
-    _flex_or_skip()
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
     ref = _reference(q, k, v, None, 1.0)
@@ -134,9 +125,9 @@ def test_sdpa_path_trains_and_gradients_respect_the_mask() -> None:
     assert v.grad[1].abs().sum() == 0
 
 
+@requires_flex
 def test_causal_mask_and_kv_cache_queries_with_q_offset() -> None:
     """causal(): k <= q; with q_offset the queries are the last rows (a KV cache), through both back ends."""
-    _flex_or_skip()
     torch.manual_seed(0)
     L = 14
     causal = AttentionMask.causal(L)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vistrain.models.attention import AttentionMask, attention
+from support.markers import requires_flex
 from vistrain.models.var import VAR, VARConfig, sample_top_k_top_p, top_k_top_p_filter
 
 PN = [1, 2, 3]  # L = 14 tokens; scale ranges (0,1) (1,5) (5,14)
@@ -72,15 +72,6 @@ class StubTokenizer(nn.Module):
             nxt = F.interpolate(f_hat, size=(self.patch_nums[si + 1],) * 2, mode="area")
             out.append(nxt.reshape(B, CV, -1).transpose(1, 2))
         return torch.cat(out, dim=1)
-
-
-def _flex_or_skip() -> None:
-    q = torch.randn(1, 1, 4, 8)
-    try:
-        with torch.no_grad():
-            attention(q, q, q, AttentionMask.block_causal(torch.tensor([0, 1, 1, 2])), impl="flex")
-    except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"flex_attention does not run on this torch / device: {e}")
 
 
 # --------------------------------------------------------------------------- official sizes and names
@@ -276,8 +267,8 @@ def test_progressive_truncation_is_the_prefix() -> None:
         model(label, x[:, :3], prog_si=1)
 
 
+@requires_flex
 def test_sdpa_and_flex_give_the_same_logits() -> None:
-    _flex_or_skip()
     sdpa = _model(attn_impl="sdpa")
     flex = VAR(_tiny(attn_impl="flex")).eval()
     flex.load_state_dict(sdpa.state_dict())
