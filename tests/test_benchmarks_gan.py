@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: whole runs, or processes of their own
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

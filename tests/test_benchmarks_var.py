@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: whole runs, or processes of their own
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_var.py"
 TINY = ["--depth", "1", "--resolution", "64", "--batch", "2", "--vae-ch", "32", "--sample-batch", "1",
         "--steps", "1", "--rounds", "1", "--calls", "1", "--warmup", "0"]

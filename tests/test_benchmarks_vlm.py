@@ -12,7 +12,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_nanovlm.py"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # runs the benchmark end to end
 
 
 @pytest.fixture(scope="module")

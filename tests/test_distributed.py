@@ -5,6 +5,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end: whole runs, or processes of their own
+
 
 def test_a_failing_rank_stops_the_job_with_a_clear_error(tmp_path, subprocess_env):
     config = tmp_path / "toy.yaml"

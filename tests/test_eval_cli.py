@@ -99,6 +99,7 @@ def test_bad_requests_fail_before_sampling_and_write_nothing(gan_run, detector, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_tokenizer_metrics_sharded_over_two_ranks_equal_one_rank(vqvae_run, detector, tmp_path, subprocess_env):
     args = ["eval", str(vqvae_run), "--metrics", "rfid,psnr,ssim", "--detector", detector, "--num-images", "40",
             "--batch-size", "8"]
@@ -115,6 +116,7 @@ def test_tokenizer_metrics_sharded_over_two_ranks_equal_one_rank(vqvae_run, dete
     assert vistrain("eval", vqvae_run, "--metrics", "fid", "--detector", detector) == 2  # rfid, for a tokenizer
 
 
+@pytest.mark.slow
 def test_eval_jobs_beside_training_run_vistrain_eval_and_log_on_their_own_axis(tmp_path, digits_folder, detector):
     run = tmp_path / "run"
     cfg = load_config(REPO / "configs/gan/digits.yaml", [
@@ -145,6 +147,7 @@ def _in_loop_eval_rank(rank: int, world: int, tmp: str, overrides: list[str]) ->
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_in_loop_metrics_of_two_ranks_equal_one_rank(tmp_path, digits_folder, detector):
     """eval.mode=sync: each rank generates its slice of the same fixed-noise samples; the scores are those of
     one rank generating them all."""

@@ -164,6 +164,7 @@ def _rank_worker(rank: int, world: int, tmp: str, det_file: str, ref_file: str) 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_score_the_same_as_one(det_path, tmp_path):
     det = load_detector(det_path)
     ref = RefStats.from_features(det.features(make_images(100, seed=7)).numpy(), detector=det.identity)

@@ -100,6 +100,7 @@ def test_flags_may_stand_anywhere(tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # a smoke run never writes where the real run lives
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_during_the_preemption_save_still_exits_75(tmp_path, subprocess_env):
     cmd = [sys.executable, "-m", "vistrain", "train", str(TOY), f"run.out_dir={tmp_path}", *TOY_RUN,
            "train.max_steps=20", "toy.sigterm_at_step=5"]

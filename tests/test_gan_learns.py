@@ -11,6 +11,8 @@ from vistrain.config import ConfigError, load_config
 from vistrain.engine.dist import DistContext
 from vistrain.tasks import make_trainer
 
+pytestmark = pytest.mark.slow  # end to end: whole runs, or processes of their own
+
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "gan" / "digits.yaml"
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # end to end: whole runs, or processes of their own
+
 REPO = Path(__file__).resolve().parents[1]
 
 

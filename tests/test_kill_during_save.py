@@ -17,6 +17,8 @@ from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.tasks import make_trainer
 
+pytestmark = pytest.mark.slow  # end to end: whole runs, or processes of their own
+
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 DURABLE = ("replace", "fsync")  # the operations that order what a reader can see on disk
 

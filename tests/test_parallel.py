@@ -83,6 +83,7 @@ def test_uneven_micro_batches_give_the_gradient_of_the_whole_batch_on_one_rank(t
         torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_uneven_micro_batches_give_the_gradient_of_the_whole_batch_on_two_ranks(tmp_path, subprocess_env, parallel):
     keep = [1, 2, 4, 1]  # rank 0 keeps 1 + 2 samples, rank 1 keeps 4 + 1
@@ -109,6 +110,7 @@ def two_rank_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_fsdp_trains_like_ddp_and_saves_shards_per_rank(two_rank_runs):
     assert_close(weights(two_rank_runs / "ddp", 8), weights(two_rank_runs / "fsdp", 8))
     shards = two_rank_runs / "fsdp" / "checkpoints" / "step_00000008" / "train_state"
@@ -116,6 +118,7 @@ def test_fsdp_trains_like_ddp_and_saves_shards_per_rank(two_rank_runs):
     assert not (two_rank_runs / "ddp" / "checkpoints" / "step_00000008" / "train_state").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_of_two_ranks_resumes_on_one(two_rank_runs, tmp_path, subprocess_env):
     middle = two_rank_runs / "fsdp" / "checkpoints" / "step_00000004"
     result = train(tmp_path, subprocess_env, "train.max_steps=8", "train.micro_batch_size=4",
@@ -124,6 +127,7 @@ def test_fsdp_checkpoint_of_two_ranks_resumes_on_one(two_rank_runs, tmp_path, su
     assert_close(weights(two_rank_runs / "fsdp", 8), weights(tmp_path, 8))
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_of_one_rank_resumes_on_two(tmp_path, subprocess_env):
     train(tmp_path / "one", subprocess_env, "train.max_steps=8", "train.micro_batch_size=4", "train.parallel=fsdp")
     middle = tmp_path / "one" / "checkpoints" / "step_00000004"
@@ -132,6 +136,7 @@ def test_fsdp_checkpoint_of_one_rank_resumes_on_two(tmp_path, subprocess_env):
     assert_close(weights(tmp_path / "one", 8), weights(tmp_path / "two", 8))
 
 
+@pytest.mark.slow
 def test_fsdp_accumulation_reduces_gradients_once_per_step(tmp_path, subprocess_env):
     steps, accumulation, fsdp_groups = 3, 4, 3  # the MLP's two blocks and its root are sharded separately
     torchrun([str(TESTS / "support" / "engine_checks.py"), "reductions", str(tmp_path), *TOY, f"train.max_steps={steps}",
@@ -141,6 +146,7 @@ def test_fsdp_accumulation_reduces_gradients_once_per_step(tmp_path, subprocess_
         assert counted == steps * fsdp_groups, f"{counted} reduce-scatters for {steps} steps x {accumulation} micro"
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_and_per_block_compile_train_like_the_plain_model(tmp_path):
     def final(name, *overrides):
         cfg = load_config(None, [*TOY, f"run.out_dir={tmp_path / name}", "train.max_steps=4",
@@ -159,6 +165,7 @@ def test_activation_checkpointing_and_per_block_compile_train_like_the_plain_mod
     assert_close(eager, compiled)
 
 
+@pytest.mark.slow
 def test_a_network_frozen_in_one_phase_trains_in_the_next_under_fsdp(tmp_path, subprocess_env):
     """The GAN's G runs under no_grad in D's phase and is trained in its own: FSDP must give it gradients
     then (regression: the root's gathered parameters kept requires_grad=False and G trained only its blocks)."""

@@ -97,12 +97,14 @@ def test_per_block_compile_keeps_a_graph_for_each_of_many_different_blocks(monke
     from torch._dynamo import config
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(config, "recompile_limit", 8)  # torch's default, restored after the test
     compile_module = nn.Module.compile
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
     net = nn.Module()
     net.blocks = nn.Sequential(*(Widen(width) for width in range(1, 11)))
-    Parallel({"net": net}, ("net",), TrainConfig(compile="blocks"), CPU)
-    before = counters["stats"]["unique_graphs"]
-    net.blocks(torch.randn(2, 1)).sum().backward()
-    assert counters["stats"]["unique_graphs"] - before == 10
+    # torch's default, restored after the test by the config's own patch (monkeypatch's undo would delete the key
+    # from torch's config module, and every later compile in this process would fail)
+    with config.patch(recompile_limit=8):
+        Parallel({"net": net}, ("net",), TrainConfig(compile="blocks"), CPU)
+        before = counters["stats"]["unique_graphs"]
+        net.blocks(torch.randn(2, 1)).sum().backward()
+        assert counters["stats"]["unique_graphs"] - before == 10

@@ -32,6 +32,7 @@ def _torchrun_handles_sigusr1() -> bool:
 
 
 pytestmark = [
+    pytest.mark.slow,  # end to end: torchrun under a fake SLURM
     pytest.mark.skipif(sys.platform == "win32", reason="bash, SIGUSR1"),
     pytest.mark.skipif(not _torchrun_handles_sigusr1(),
                        reason="needs torchrun --signals-to-handle (torch >= 2.9)"),

@@ -32,6 +32,7 @@ def final_model(out_dir: Path) -> Path:
     return out_dir / "checkpoints" / latest / "model.safetensors"
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_bit_identical_model(tmp_path, kill_rng, subprocess_env, vistrain_cmd):
     steps = ["train.max_steps=120", "train.ckpt_every=10", "train.eval_every=40", "train.log_every=10"]
     ref = tmp_path / "ref"
@@ -62,6 +63,7 @@ def test_sigkill_then_rerun_gives_bit_identical_model(tmp_path, kill_rng, subpro
     assert final_model(run).read_bytes() == final_model(ref).read_bytes(), f"killed {delay:.2f}s after {after.name}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_two_ranks_trains_resumes_on_one_and_samples(tmp_path, subprocess_env, vistrain_cmd, parallel):
     out = tmp_path / parallel
@@ -120,6 +122,7 @@ def test_too_few_images_for_one_batch_is_a_clear_error(tmp_path, subprocess_env,
     assert "fewer than one global batch" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_is_a_clear_error_and_nothing_is_lost(tmp_path, subprocess_env, vistrain_cmd):
     out = tmp_path / "run"
     first = subprocess.run(train_cmd(vistrain_cmd, out, "train.max_steps=4", "train.ckpt_every=2",

@@ -285,6 +285,7 @@ def test_given_patch_nums_that_fit_change_nothing(official_files, imported, tmp_
     assert (out / "config.json").read_text() == (imported / "config.json").read_text()
 
 
+@pytest.mark.slow
 def test_var_training_can_start_from_the_imported_model(imported, tmp_path) -> None:
     """Fine-tuning: the transformer starts from the imported weights, the tokenizer is the imported one."""
     from vistrain.config import load_config

@@ -17,6 +17,8 @@ from vistrain.models.var import VAR
 from vistrain.models.vqvae import VQVAE, VQVAEConfig
 from vistrain.tasks import make_trainer
 
+pytestmark = pytest.mark.slow  # end to end: the tokenizer and the transformer train, resume, sample
+
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TINY_DATA = ["data.resolution=16", "data.num_workers=0", "train.batch_size=16", "run.loggers=[jsonl]"]

@@ -101,6 +101,7 @@ def test_generate_answers_from_a_run_and_from_an_export(run, tmp_path, capsys):
     assert "none.png" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_of_packed_training_is_bit_identical(tmp_path, kill_rng, subprocess_env):
     """With two data workers: the packed stream is a pure function of (seed, position)."""
     steps = ["train.max_steps=40", "train.ckpt_every=4", "train.eval_every=1000", "vlm.val_questions=0"]
