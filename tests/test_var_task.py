@@ -221,7 +221,7 @@ def built_task(out_dir, tokenizer, *overrides):
 def test_teacher_forcing_gives_the_tokens_of_the_plain_fp32_tokenizer(tokenizer_run, tmp_path):
     """The task encodes with its tokenizer's convolutions in channels-last memory: on the digits, exactly the
     indices (and nearly the inputs) of the tokenizer as the original runs it. var.encoder_precision=bf16 is
-    faster on tensor cores but moves a few indices (README: 3% of them with the digits tokenizer)."""
+    faster on tensor cores but moves a few indices (docs/var.md: 3% of them with the digits tokenizer)."""
     from vistrain.tasks.var import load_tokenizer
 
     task = built_task(tmp_path, tokenizer_run)

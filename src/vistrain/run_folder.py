@@ -3,7 +3,7 @@ grids, whether it runs, and `vistrain runs`' table of every run under a folder.
 
 Only reads (the report and the table may look at a run while it trains): a metrics.jsonl line being appended,
 or any line that is not a JSON object, is skipped; an unreadable config.yaml or metrics.json counts as absent.
-The folder layout is README's "Output folder".
+The folder layout is docs/engine.md's "Output folder".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Checkpoint folders on disk: writing them atomically, checksums, finding and reading them (what goes into them,
 for any parallelism, is engine/checkpointer.py's job).
 
-Layout (a contract shared with the CLI and the docs, see README "Output folder")::
+Layout (a contract shared with the CLI and the docs, see docs/engine.md, "Output folder")::
 
     checkpoints/
       step_00001000/

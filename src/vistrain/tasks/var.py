@@ -69,7 +69,7 @@ class VARTrainConfig:
     num_samples: int = 40  # images in the eval grid (one column per class)
     val_images: int = 1024  # at most this many val images for the val metrics
     # The frozen tokenizer's encoder in teacher forcing, whatever train.precision: fp32 (the original's tokens) or
-    # bf16 (faster on tensor cores, but 3% of the digits tokenizer's indices differ from fp32's: see README)
+    # bf16 (faster on tensor cores, but 3% of the digits tokenizer's indices differ from fp32's: see docs/var.md)
     encoder_precision: str = "fp32"
     token_cache: bool = False  # encode the training images once and keep their tokens on disk (no augmentation)
 

@@ -3,7 +3,7 @@
 Teacher forcing then reads an image's targets from the cache and only rebuilds the transformer's inputs from
 them (quantize.idx_to_var_input, no encoder). The price is the augmentation: each image is encoded once, in its
 fixed view -- the centre crop for an image folder, the image itself for the digits -- so random crops stop and
-`data.hflip` is refused. What it buys, and what building it costs, is measured in README (Benchmarks).
+`data.hflip` is refused. What it buys, and what building it costs, is measured in docs/benchmarks.md.
 
 The cache is one file, `<cache dir>/var_tokens/<key>.npy`: an (N, 1 + L) integer array whose row i is training
 item i's label followed by its L token indices (int16 when labels and codes fit, else int32), read memory-mapped.
