@@ -43,7 +43,6 @@ from vistrain.data.vqa import (
     vqa_texts,
 )
 from vistrain.data.vqa_text import (
-    IMAGE_LAYOUTS,
     SMOLVLM_IMAGE_TOKEN,
     add_layout_tokens,
     layout_eos_token,
@@ -68,8 +67,9 @@ from vistrain.tasks.vlm_inference import (
     checkpoint_tokenizer,
     context_room,
     decode_answer,
-    image_style,
     load_vlm,
+    training_image_style,
+    vlm_folder,
 )
 
 
@@ -122,7 +122,7 @@ class VLMTask(Task):
             raise ConfigError(f"data.name={d.name!r}: expected digits or vqa")
         self.train_set, self.val_set = self._datasets()
         # a model imported from elsewhere (nanoVLM, SmolVLM) keeps its image processing when fine-tuned
-        self.image_style = data_image_style(d.image_layout, cfg.model.init)
+        self.image_style = training_image_style(d.image_layout, cfg.model.init)
         self.layout = self.image_style.get("image_layout", "vistrain")
         self.tokenizer = self._tokenizer()
         model = self._model().to(self.device)
@@ -190,7 +190,7 @@ class VLMTask(Task):
             return checkpoint_tokenizer(Path(resumed))  # the run's own, exactly
         if m.init:
             try:
-                return checkpoint_tokenizer(_model_folder(m.init, "model.init"))
+                return checkpoint_tokenizer(vlm_folder(m.init, "model.init"))
             except ckpt_lib.CheckpointError as e:
                 raise ConfigError(f"model.init={m.init}: {e}") from None
         if m.lm_from:
@@ -203,7 +203,7 @@ class VLMTask(Task):
     def _model(self) -> VisionLanguageModel:
         m = self.cfg.model
         if m.init:
-            return load_vlm(_model_folder(m.init, "model.init"))
+            return load_vlm(vlm_folder(m.init, "model.init"))
         try:
             return build_vlm(m.vision, m.lm, m.pixel_shuffle_factor, self.tokenizer, m.vision_from, m.lm_from,
                              image_token=SMOLVLM_IMAGE_TOKEN if self.layout == "smolvlm" else "<|image|>")
@@ -308,41 +308,12 @@ class VLMTask(Task):
         self.packed.load_state_dict(state["data"])
 
 
-def data_image_style(image_layout: str, init: Optional[str]) -> dict[str, Any]:
-    """The image style a run trains with: model.init's (a model keeps the layout it was made with), or a new
-    model's of data.image_layout. data.image_layout, when given, must be model.init's."""
-    if image_layout and image_layout not in IMAGE_LAYOUTS:
-        raise ConfigError(f"data.image_layout={image_layout!r}: expected one of {', '.join(IMAGE_LAYOUTS)} (or empty: "
-                          "model.init's layout)")
-    if init:
-        style = image_style(ckpt_lib.load_model_config(_model_folder(init, "model.init")))
-        if image_layout and image_layout != style.get("image_layout", "vistrain"):
-            raise ConfigError(f"data.image_layout={image_layout}, but model.init={init} was made with the "
-                              f"{style.get('image_layout', 'vistrain')!r} layout (its tokens and image tiling): "
-                              "give that layout, or leave data.image_layout empty")
-        return style
-    return {"image_layout": "smolvlm", "image_resize": "smolvlm"} if image_layout == "smolvlm" else {}
-
-
 def _next_token_loss(model: nn.Module, batch: dict, position_ids: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Cross entropy summed over the labelled next tokens, computed by the model without the full logits (its
     labels ignore -100, IGNORE_INDEX), and their count (a device tensor, no sync)."""
     labels = batch["labels"]
     loss_sum = model(batch["input_ids"], batch["pixel_values"], position_ids, batch["doc_ids"], labels_BT=labels)
     return loss_sum, (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
-def _model_folder(path: str, key: str) -> Path:
-    """The VLM checkpoint or model folder that config key `key` names (a run folder: its latest checkpoint)."""
-    try:
-        folder = ckpt_lib.find_checkpoint(Path(path))
-        task = ckpt_lib.load_model_config(folder).get("task")
-    except ckpt_lib.CheckpointError as e:
-        raise ConfigError(f"{key}={path}: {e}") from None
-    if task != "vlm":
-        raise ConfigError(f"{key}={path} holds a {task!r} model, not a vision-language model: give the run, "
-                          "checkpoint or model folder of a VLM")
-    return folder
 
 
 register(TaskSpec(name="vlm", config=VLMExperimentConfig, build=VLMTask,

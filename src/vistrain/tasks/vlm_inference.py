@@ -1,5 +1,6 @@
-"""A trained VLM put to use: its checkpoint or model folder read back (model, tokenizer, how it processes images
-and prompts), answers generated from it, and its export to transformers. What `vistrain generate`, `vistrain
+"""A VLM's folder put to use: a checkpoint or model folder found and read back (model, tokenizer, how it processes
+images and prompts -- also for a run that fine-tunes it), answers generated from it, and its export to
+transformers. What `vistrain generate`, `vistrain
 export` and the lmms-eval adapter (lmms.py) use, without the training task (tasks/vlm.py).
 
 A folder says how its images and prompts are processed in config.json: `max_image_size`, `image_layout`,
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from vistrain.data.vqa import ImageProcessor, VQAEncoder
 from vistrain.engine import checkpoint_files as ckpt_lib
+from vistrain.data.vqa_text import IMAGE_LAYOUTS
 from vistrain.errors import ConfigError
 from vistrain.interop.tokenizers import TOKENIZER_DIR, load_tokenizer
 from vistrain.models.vlm import VisionLanguageModel
@@ -55,6 +57,35 @@ def image_style(model_config: dict) -> dict[str, Any]:
     if model_config.get("image_labels"):
         style["image_labels"] = True
     return style
+
+
+def vlm_folder(path: str, key: str) -> Path:
+    """The VLM checkpoint or model folder that config key `key` names (a run folder: its latest checkpoint)."""
+    try:
+        folder = ckpt_lib.find_checkpoint(Path(path))
+        task = ckpt_lib.load_model_config(folder).get("task")
+    except ckpt_lib.CheckpointError as e:
+        raise ConfigError(f"{key}={path}: {e}") from None
+    if task != "vlm":
+        raise ConfigError(f"{key}={path} holds a {task!r} model, not a vision-language model: give the run, "
+                          "checkpoint or model folder of a VLM")
+    return folder
+
+
+def training_image_style(image_layout: str, init: Optional[str]) -> dict[str, Any]:
+    """The image style a run trains with: model.init's (a model keeps the layout it was made with), or a new
+    model's of data.image_layout. data.image_layout, when given, must be model.init's."""
+    if image_layout and image_layout not in IMAGE_LAYOUTS:
+        raise ConfigError(f"data.image_layout={image_layout!r}: expected one of {', '.join(IMAGE_LAYOUTS)} (or empty: "
+                          "model.init's layout)")
+    if init:
+        style = image_style(ckpt_lib.load_model_config(vlm_folder(init, "model.init")))
+        if image_layout and image_layout != style.get("image_layout", "vistrain"):
+            raise ConfigError(f"data.image_layout={image_layout}, but model.init={init} was made with the "
+                              f"{style.get('image_layout', 'vistrain')!r} layout (its tokens and image tiling): "
+                              "give that layout, or leave data.image_layout empty")
+        return style
+    return {"image_layout": "smolvlm", "image_resize": "smolvlm"} if image_layout == "smolvlm" else {}
 
 
 def load_vlm(folder: Path, device: torch.device | str = "cpu") -> VisionLanguageModel:
