@@ -16,7 +16,7 @@ import torch
 
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.eval.digits_judge import DigitsJudge, judge_metrics
-from vistrain.tasks import get_spec
+from vistrain.registry import get_spec
 from vistrain.tasks.capabilities import ImageSampler, SampleRequest
 
 

@@ -27,7 +27,7 @@ from vistrain.data.sampler import StreamOrder
 from vistrain.engine.dist import DistContext
 from vistrain.engine.optim import OptimConfig
 from vistrain.engine.task import OptimizerSpec, Phase, PhaseLoss, Task
-from vistrain.tasks import TaskSpec, make_trainer, register
+from vistrain.registry import TaskSpec, make_trainer, register
 
 WARMUP_STEPS = 10
 

@@ -154,7 +154,7 @@ def engine_iterations(case: Case, device: torch.device, rounds: Rounds) -> None:
     """`Trainer.fit()` on the gan task, the rounds ticking at the end of every step (after the EMA update)."""
     from vistrain.engine.dist import DistContext
     from vistrain.engine.trainer import Trainer
-    from vistrain.tasks import get_spec
+    from vistrain.registry import get_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(case, Path(tmp) / "run")

@@ -314,7 +314,7 @@ def vistrain_round(shape: Shape, stand_ins: StandIns, device: torch.device, prec
     event per step: time/step_s, from drawing the step's micro-batches to the end of its optimizer step)."""
     from vistrain.config import load_config
     from vistrain.engine.dist import DistContext
-    from vistrain.tasks import make_trainer
+    from vistrain.registry import make_trainer
 
     recipe = RECIPES / ("nanovlm_460m.yaml" if shape.name == "460m" else "nanovlm_222m.yaml")
     cfg = load_config(recipe, vistrain_overrides(shape, stand_ins, out_dir, precision, compile_mode, workers))

@@ -298,7 +298,7 @@ class Vistrain:
     def _trainer(self, out_dir: Path, instrument: Callable[[Any], None]):
         from vistrain.engine.dist import DistContext
         from vistrain.engine.trainer import Trainer
-        from vistrain.tasks import get_spec
+        from vistrain.registry import get_spec
 
         cfg = self.config(out_dir)
 
@@ -332,7 +332,7 @@ class Vistrain:
         """Timed teacher forcing of one batch (the task's own, as in its loss)."""
         from vistrain.engine.dist import DistContext
         from vistrain.engine.task import TaskEnv
-        from vistrain.tasks import get_spec
+        from vistrain.registry import get_spec
 
         memory = Memory(self.device)
         with tempfile.TemporaryDirectory() as out_dir:

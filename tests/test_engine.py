@@ -11,7 +11,7 @@ from vistrain.config import load_config
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.engine.trainer import Preempted, TrainingDiverged
-from vistrain.tasks import make_trainer
+from vistrain.registry import make_trainer
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

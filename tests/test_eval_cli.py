@@ -17,7 +17,7 @@ from vistrain import cli
 from vistrain.config import load_config
 from vistrain.engine.dist import DistContext
 from vistrain.cli.evaluate import eval_command
-from vistrain.tasks import make_trainer
+from vistrain.registry import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -10,7 +10,7 @@ import pytest
 from test_engine import CPU, toy_config
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.trainer import Trainer
-from vistrain.tasks import get_spec
+from vistrain.registry import get_spec
 
 FAKE_JOB = Path(__file__).parent / "support" / "fake_eval_job.py"
 

@@ -9,7 +9,7 @@ import torch
 
 from vistrain.config import ConfigError, load_config
 from vistrain.engine.dist import DistContext
-from vistrain.tasks import make_trainer
+from vistrain.registry import make_trainer
 
 pytestmark = pytest.mark.slow  # end to end: whole runs, or processes of their own
 

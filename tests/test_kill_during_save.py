@@ -15,7 +15,7 @@ from vistrain import durable
 from vistrain.config import load_config
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
-from vistrain.tasks import make_trainer
+from vistrain.registry import make_trainer
 
 pytestmark = pytest.mark.slow  # end to end: whole runs, or processes of their own
 

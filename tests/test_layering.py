@@ -1,6 +1,6 @@
-"""Imports run one way: faces -> tasks -> (engine, models, data, eval, interop). Read from the source itself --
-every import, at the top of a module or inside a function -- so the picture README draws cannot drift from the
-code, and an import hidden in a function to dodge a cycle is caught."""
+"""Imports run one way: faces -> tasks -> config -> registry -> (engine, models, data, eval, interop). Read from the
+source itself -- every import, at the top of a module or inside a function -- so the picture README draws cannot
+drift from the code, and an import hidden in a function to dodge a cycle is caught."""
 
 import ast
 from pathlib import Path
@@ -11,11 +11,15 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vistrain"
 FACES = ("vistrain.__main__", "vistrain.cli", "vistrain.lmms", "vistrain.html_report", "vistrain.run_folder")
 # package -> what it must never import (faces are never imported from below, see FACES)
 FORBIDDEN = {
-    "vistrain.engine": ("vistrain.tasks", "vistrain.data", "vistrain.eval", "vistrain.interop", "vistrain.models"),
-    "vistrain.models": ("vistrain.engine", "vistrain.tasks", "vistrain.data", "vistrain.eval", "vistrain.interop"),
-    "vistrain.data": ("vistrain.engine", "vistrain.tasks", "vistrain.eval", "vistrain.interop", "vistrain.models"),
-    "vistrain.eval": ("vistrain.tasks", "vistrain.interop"),
-    "vistrain.interop": ("vistrain.engine", "vistrain.tasks", "vistrain.eval"),
+    "vistrain.registry": ("vistrain.tasks", "vistrain.config"),
+    "vistrain.engine": ("vistrain.tasks", "vistrain.registry", "vistrain.config", "vistrain.data", "vistrain.eval",
+                        "vistrain.interop", "vistrain.models"),
+    "vistrain.models": ("vistrain.engine", "vistrain.tasks", "vistrain.registry", "vistrain.data", "vistrain.eval",
+                        "vistrain.interop"),
+    "vistrain.data": ("vistrain.engine", "vistrain.tasks", "vistrain.registry", "vistrain.eval", "vistrain.interop",
+                      "vistrain.models"),
+    "vistrain.eval": ("vistrain.tasks", "vistrain.registry", "vistrain.interop"),
+    "vistrain.interop": ("vistrain.engine", "vistrain.tasks", "vistrain.registry", "vistrain.eval"),
 }
 
 

@@ -17,7 +17,7 @@ from vistrain.config import ExperimentConfig, load_config
 from vistrain.engine.dist import DistContext
 from vistrain.engine.task import Task
 from vistrain.errors import ConfigError
-from vistrain.tasks import TaskSpec, make_trainer, register
+from vistrain.registry import TaskSpec, make_trainer, register
 
 TOY = Path(__file__).resolve().parent / "support" / "toy.yaml"
 TOY_RUN = ["train.batch_size=16", "train.max_steps=4", "train.ckpt_every=2", "train.log_every=2",

@@ -18,7 +18,7 @@ from vistrain.data.sampler import StreamOrder
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.engine.rng import seed_everything
-from vistrain.tasks import make_trainer
+from vistrain.registry import make_trainer
 
 TESTS = Path(__file__).resolve().parent
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -14,7 +14,7 @@ from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.config_sections import TrainConfig
 from vistrain.engine.dist import DistContext
 from vistrain.engine.parallel import Parallel
-from vistrain.tasks import make_trainer
+from vistrain.registry import make_trainer
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

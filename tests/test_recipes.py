@@ -26,7 +26,7 @@ from vistrain import cli
 from vistrain.config import load_config
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.models.vqvae import VQVAE, VQVAEConfig
-from vistrain.tasks import get_spec
+from vistrain.registry import get_spec
 from vistrain.tasks.capabilities import ImageSampler, PromptAnswerer
 
 pytestmark = pytest.mark.slow

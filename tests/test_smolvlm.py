@@ -32,7 +32,7 @@ from vistrain.engine.dist import DistContext
 from vistrain.interop.tokenizers import tokenizer_assets
 from vistrain.interop.vlm_parts import build_vlm
 from vistrain.models.vlm import PixelShuffleProjector, VisionLanguageModel
-from vistrain.tasks import make_trainer
+from vistrain.registry import make_trainer
 from vistrain.tasks.vlm_inference import answer_ids, encode_question, load_for_generation
 
 transformers = pytest.importorskip("transformers")

@@ -291,7 +291,7 @@ def test_var_training_can_start_from_the_imported_model(imported, tmp_path) -> N
     from vistrain.config import load_config
     from vistrain.engine import checkpoint_files as ckpt_lib
     from vistrain.engine.dist import DistContext
-    from vistrain.tasks import make_trainer
+    from vistrain.registry import make_trainer
 
     cfg = load_config(REPO / "configs" / "var" / "digits.yaml", [
         f"run.out_dir={tmp_path}", f"var.init={imported}", f"var.tokenizer={imported}", "data.resolution=64",

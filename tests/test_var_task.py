@@ -15,7 +15,7 @@ from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.models.var import VAR
 from vistrain.models.vqvae import VQVAE, VQVAEConfig
-from vistrain.tasks import make_trainer
+from vistrain.registry import make_trainer
 
 pytestmark = pytest.mark.slow  # end to end: the tokenizer and the transformer train, resume, sample
 
@@ -211,7 +211,7 @@ def test_progressive_training_grows_the_scales_and_ramps_the_newest_in(tokenizer
 
 def built_task(out_dir, tokenizer, *overrides):
     from vistrain.engine.task import TaskEnv
-    from vistrain.tasks import get_spec
+    from vistrain.registry import get_spec
 
     cfg = var_config(out_dir, tokenizer, *overrides)
     env = TaskEnv(dist=CPU, seed=0, max_steps=8, batch_size=16, micro_batch_size=16, out_dir=Path(out_dir))

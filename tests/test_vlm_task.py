@@ -16,7 +16,7 @@ from vistrain.data.vqa import digits_vqa, pack_row
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
 from vistrain.models.vlm import VisionLanguageModel
-from vistrain.tasks import make_trainer
+from vistrain.registry import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "configs" / "vlm" / "digits.yaml"

@@ -28,7 +28,7 @@ from vistrain.engine.config_sections import EvalConfig, RunConfig, TrainConfig
 from vistrain.engine.optim import OptimConfig, validate as validate_optim
 from vistrain.errors import ConfigError
 from vistrain.outpaths import check_path_length
-from vistrain.tasks import get_spec
+from vistrain.registry import get_spec
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "to_yaml"]
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the supp
 
 from vistrain.config import load_config  # noqa: E402
 from vistrain.engine.dist import init_distributed, shutdown  # noqa: E402
-from vistrain.tasks import make_trainer  # noqa: E402
+from vistrain.registry import make_trainer  # noqa: E402
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from vistrain.data.loader import MicroBatchStream
 from vistrain.data.sampler import StreamOrder
 from vistrain.engine.optim import OptimConfig
 from vistrain.engine.task import EvalResult, OptimizerSpec, Phase, PhaseLoss, Task, TaskEnv
-from vistrain.tasks import TaskSpec, register
+from vistrain.registry import TaskSpec, register
 from vistrain.tasks.capabilities import ImageSampler
 
 

@@ -26,7 +26,7 @@ def find_source(source: str, which: str) -> tuple[Path, dict, Any]:
     """(checkpoint folder, its config.json, its task's spec) for SOURCE and --which. Raises CheckpointError or
     ConfigError, whose messages `source_message` words for the user."""
     from vistrain.engine import checkpoint_files as ckpt_lib  # imported here: CLI start-up (see cli/__init__.py)
-    from vistrain.tasks import get_spec
+    from vistrain.registry import get_spec
 
     ckpt = ckpt_lib.find_checkpoint(Path(source), which)
     model_config = ckpt_lib.load_model_config(ckpt)

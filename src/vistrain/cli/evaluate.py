@@ -131,7 +131,7 @@ def evaluate(ckpt: Path, request: EvalRequest, ctx) -> dict:
     # imported here: CLI start-up (see cli/__init__.py)
     from vistrain.engine import checkpoint_files as ckpt_lib
     from vistrain.errors import ConfigError
-    from vistrain.tasks import get_spec
+    from vistrain.registry import get_spec
     from vistrain.tasks.capabilities import ImageSampler, Reconstructor
 
     model_config = ckpt_lib.load_model_config(ckpt)

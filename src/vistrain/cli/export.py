@@ -36,7 +36,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     from vistrain.engine import checkpoint_files as ckpt_lib
     from vistrain.errors import ConfigError
     from vistrain.outpaths import check_output_folder
-    from vistrain.tasks import get_spec
+    from vistrain.registry import get_spec
     from vistrain.tasks.capabilities import Exporter
 
     args = parser.parse_args(argv)

@@ -41,7 +41,7 @@ def train(config: str, overrides: list[str], smoke: bool = False) -> int:
     from vistrain.engine.rundir import RunDirError
     from vistrain.engine.trainer import EXIT_REQUEUE, AlreadyDone, Preempted, TrainingDiverged
     from vistrain.errors import ConfigError
-    from vistrain.tasks import make_trainer
+    from vistrain.registry import make_trainer
 
     try:
         if smoke:
@@ -83,7 +83,7 @@ def train(config: str, overrides: list[str], smoke: bool = False) -> int:
 def smoke_overrides(config_path: str, overrides: list[str]) -> list[str]:
     """Tiny shapes and a handful of steps, in a fresh temporary folder: never near the real run."""
     from vistrain.config import load_config  # imported here: CLI start-up (see cli/__init__.py)
-    from vistrain.tasks import get_spec
+    from vistrain.registry import get_spec
 
     cfg = load_config(config_path, overrides)
     out_dir = tempfile.mkdtemp(prefix="vistrain-smoke-")

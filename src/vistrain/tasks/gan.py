@@ -35,7 +35,7 @@ from vistrain.eval.frechet import frechet_distance
 from vistrain.eval.score import balanced_share, default_best, in_loop_scorer
 from vistrain.models.diffaugment import diff_augment
 from vistrain.models.gan import DiscriminatorConfig, GeneratorConfig, build_discriminator, build_generator
-from vistrain.tasks import TaskSpec, register
+from vistrain.registry import TaskSpec, register
 from vistrain.tasks.capabilities import ImageSampler, SampleRequest
 from vistrain.tasks.gan_losses import LOSSES, discriminator_loss, generator_loss, r1_penalty
 

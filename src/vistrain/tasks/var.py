@@ -46,7 +46,8 @@ from vistrain.eval.score import balanced_share, default_best, in_loop_scorer
 from vistrain.interop.var_official import export_official
 from vistrain.models.var import VAR, VARConfig
 from vistrain.models.vqvae import VQVAE, VQVAEConfig
-from vistrain.tasks import TaskSpec, register, var_tokens
+from vistrain.registry import TaskSpec, register
+from vistrain.tasks import var_tokens
 from vistrain.tasks.capabilities import Exporter, ImageSampler, SampleOption, SampleRequest
 from vistrain.tasks.vqvae import load_vqvae
 

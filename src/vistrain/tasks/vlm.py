@@ -59,7 +59,7 @@ from vistrain.interop.vlm_parts import build_vlm, lm_tokenizer
 from vistrain.models.llama import LlamaConfig
 from vistrain.models.vit import ViTConfig
 from vistrain.models.vlm import VisionLanguageModel
-from vistrain.tasks import TaskSpec, register
+from vistrain.registry import TaskSpec, register
 from vistrain.tasks.vlm_inference import (
     TransformersExport,
     VLMAnswerer,

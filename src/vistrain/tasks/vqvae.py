@@ -32,7 +32,7 @@ from vistrain.errors import ConfigError
 from vistrain.models.gan import DiscriminatorConfig, build_discriminator
 from vistrain.models.lpips import load_lpips
 from vistrain.models.vqvae import VQVAE, VQVAEConfig
-from vistrain.tasks import TaskSpec, register
+from vistrain.registry import TaskSpec, register
 from vistrain.tasks.capabilities import ImageSampler, Reconstructor, SampleRequest
 from vistrain.tasks.gan_losses import LOSSES, discriminator_loss, generator_loss
 
