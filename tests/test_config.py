@@ -21,6 +21,20 @@ def test_digits_config_loads_typed_with_overrides():
     assert cfg.optim.g.betas == [0.0, 0.99]
 
 
+def test_a_map_given_whole_replaces_the_tasks_default(tmp_path):
+    # The VLM task's default lr_mult trains vision and LM at 1/100 of the projector's lr; a YAML or override
+    # that gives the map whole means exactly that map (merged key by key, `{}` kept every default).
+    vlm = Path(__file__).resolve().parents[1] / "configs" / "vlm"
+    assert load_config(vlm / "nanovlm_222m.yaml").optim.lr_mult == {"vision": 0.009765625, "lm": 0.009765625}
+    assert load_config(vlm / "digits.yaml").optim.lr_mult == {}
+    (tmp_path / "one.yaml").write_text("task: vlm\noptim: {lr_mult: {lm: 0.5}}\n")
+    assert load_config(tmp_path / "one.yaml").optim.lr_mult == {"lm": 0.5}
+    assert load_config(vlm / "nanovlm_222m.yaml", ["optim.lr_mult={}"]).optim.lr_mult == {}
+    # a dotted key sets one entry and keeps the others
+    one = load_config(vlm / "nanovlm_222m.yaml", ["optim.lr_mult.vision=0"]).optim.lr_mult
+    assert one == {"vision": 0.0, "lm": 0.009765625}
+
+
 def test_typo_in_override_names_key_and_closest():
     with pytest.raises(ConfigError) as e:
         load_config(DIGITS, ["train.max_step=5"])

@@ -9,6 +9,7 @@ would have been valid.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -52,8 +53,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
     if task is None:
         raise ConfigError(f"{path or 'the command line'} does not say which task to run: add `task: gan`")
     schema = OmegaConf.structured(get_spec(str(task)).config)
-    merged = _merge(schema, file_cfg, source=str(path))
-    merged = _merge(merged, override_cfg, source="the command line")
+    merged = _merge(schema, file_cfg, source=str(path), replaced_maps=_whole_maps(schema, file_cfg))
+    given_whole = {item.split("=", 1)[0] for item in overrides}  # optim.lr_mult={} replaces, optim.lr_mult.x=1 sets x
+    replaced = [key for key in _whole_maps(merged, override_cfg) if key in given_whole]
+    merged = _merge(merged, override_cfg, source="the command line", replaced_maps=replaced)
     try:
         cfg = OmegaConf.to_object(merged)
     except oc_errors.MissingMandatoryValue as e:
@@ -188,8 +191,30 @@ def _check_sections(base, update, source: str, prefix: str = "") -> None:
         _check_sections(base[key], update[key], source, full + ".")
 
 
-def _merge(base, update, source: str):
+def _whole_maps(base, update, prefix: str = "") -> list[str]:
+    """Dotted keys of the map-typed values (``dict[str, float]``, not sections) that ``update`` gives whole.
+
+    OmegaConf merges two mappings key by key, so ``lr_mult: {}`` in a YAML would keep every default entry of
+    the task; a map given whole replaces the default instead, as its writer means.
+    """
+    keys = []
+    for key in update.keys() if OmegaConf.is_dict(update) else ():
+        if key not in base or not OmegaConf.is_dict(update[key]):
+            continue
+        full = f"{prefix}{key}"
+        if OmegaConf.get_type(base, key) is dict:
+            keys.append(full)
+        elif OmegaConf.is_dict(base[key]):
+            keys += _whole_maps(base[key], update[key], full + ".")
+    return keys
+
+
+def _merge(base, update, source: str, replaced_maps: list[str] = ()):
     _check_sections(base, update, source)
+    if replaced_maps:
+        base = copy.deepcopy(base)
+        for key in replaced_maps:
+            OmegaConf.update(base, key, {}, merge=False)
     try:
         return OmegaConf.merge(base, update)
     except oc_errors.ConfigKeyError as e:
