@@ -3,6 +3,7 @@
 import io
 import itertools
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -471,6 +472,28 @@ def test_digits_vqa_questions_answers_and_pairs(digits_val):
     image = digits_val[0]["images"][0]
     assert image.mode == "RGB" and image.size == (32, 32)
     assert digits_vqa("val", image_size=16)[0]["images"][0].size == (16, 16)
+
+
+def test_digits_train_asks_four_balanced_pair_questions_per_image():
+    # Enough distinct pairs that the default learns to compare two digits rather than recite fixed pairs.
+    rows = digits_vqa("train", 16).with_format("arrow")[:].to_pylist()
+    assert Counter(r["qtype"] for r in rows) == {"digit": 1617, "parity": 1617, "same": 4 * 1617}
+    label_of = {r["images"][0]["bytes"]: int(r["texts"][0]["assistant"]) for r in rows if r["qtype"] == "digit"}
+    assert len(label_of) == 1617
+    answers_as_first = {image: [] for image in label_of}
+    pairs = set()
+    for r in rows:
+        if r["qtype"] != "same":
+            continue
+        (turn,) = r["texts"]
+        first, second = (im["bytes"] for im in r["images"])
+        assert turn["user"] == DIGITS_QUESTIONS["same"] and first != second
+        assert turn["assistant"] == ("yes" if label_of[first] == label_of[second] else "no")  # KeyError: not train
+        answers_as_first[first].append(turn["assistant"])
+        pairs.add((first, second))
+    # every image is compared twice with its own digit and twice with another, and the pairs are distinct
+    assert all(sorted(a) == ["no", "no", "yes", "yes"] for a in answers_as_first.values())
+    assert len(pairs) > 0.99 * 4 * 1617
 
 
 def test_digits_val_images_are_held_out(digits_val):
