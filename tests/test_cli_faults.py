@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.standin_detector import TwoHeaded, save_scripted
 
+from support import cli_runs
 from support import var_golden as golden
+from support.cli_runs import snapshot, vistrain
+from support.standin_detector import TwoHeaded, save_scripted
 from vistrain import cli
 from vistrain.config import load_config
 from vistrain.engine import checkpoint_files as ckpt_lib
@@ -21,9 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "tests" / "support" / "toy.yaml"
 TOY_RUN = ["train.batch_size=16", "train.max_steps=2", "train.ckpt_every=2", "data.num_workers=0",
            "run.loggers=[jsonl]"]
-TINY_GAN = ["data.resolution=16", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
-            "gan.fd_samples=32", "gan.num_samples=16", "data.num_workers=0", "train.batch_size=16",
-            "train.max_steps=2", "train.ckpt_every=2", "train.eval_every=2", "run.loggers=[jsonl]", "eval.metrics=[]"]
+TINY_GAN = [*cli_runs.TINY_GAN, "train.max_steps=2", "train.ckpt_every=2", "train.eval_every=2", "eval.metrics=[]"]
 VLM = REPO / "configs" / "vlm" / "digits.yaml"
 TINY_VLM = ["data.seq_length=128", "train.batch_size=4", "data.val_size=8", "vlm.val_questions=2",
             "model.lm.num_layers=1", "model.lm.hidden_size=64", "model.lm.intermediate_size=128",
@@ -31,14 +31,6 @@ TINY_VLM = ["data.seq_length=128", "train.batch_size=4", "data.val_size=8", "vlm
             "train.ckpt_every=2", "train.eval_every=2"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def vistrain(*args) -> int:
-    return cli.main([str(a) for a in args])
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

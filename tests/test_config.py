@@ -26,7 +26,8 @@ def test_a_map_given_whole_replaces_the_tasks_default(tmp_path):
     # that gives the map whole means exactly that map (merged key by key, `{}` kept every default).
     vlm = Path(__file__).resolve().parents[1] / "configs" / "vlm"
     assert load_config(vlm / "nanovlm_222m.yaml").optim.lr_mult == {"vision": 0.009765625, "lm": 0.009765625}
-    assert load_config(vlm / "digits.yaml").optim.lr_mult == {}
+    (tmp_path / "none.yaml").write_text("task: vlm\noptim: {lr_mult: {}}\n")
+    assert load_config(tmp_path / "none.yaml").optim.lr_mult == {}
     (tmp_path / "one.yaml").write_text("task: vlm\noptim: {lr_mult: {lm: 0.5}}\n")
     assert load_config(tmp_path / "one.yaml").optim.lr_mult == {"lm": 0.5}
     assert load_config(vlm / "nanovlm_222m.yaml", ["optim.lr_mult={}"]).optim.lr_mult == {}

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from support.cli_runs import vistrain
 from support.standin_detector import TwoHeaded, save_scripted
 from test_var_task import TINY_VQVAE
 
-from vistrain import cli
+from vistrain.cli.evaluate import eval_command
 from vistrain.config import load_config
 from vistrain.engine.dist import DistContext
-from vistrain.cli.evaluate import eval_command
 from vistrain.registry import make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,10 +27,6 @@ TINY_GAN = ["data.resolution=16", "model.generator.base_channels=8", "model.disc
             "run.loggers=[jsonl]"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def vistrain(*args) -> int:
-    return cli.main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

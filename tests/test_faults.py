@@ -8,24 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vistrain import cli
+from support import cli_runs
+from support.cli_runs import snapshot, vistrain
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "tests" / "support" / "toy.yaml"
 GAN = REPO / "configs" / "gan" / "digits.yaml"
 TOY_RUN = ["train.batch_size=16", "train.max_steps=4", "train.ckpt_every=2", "train.log_every=2",
            "train.eval_every=100", "data.num_workers=0", "run.loggers=[jsonl]"]
-TINY_GAN = ["data.resolution=16", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
-            "gan.fd_samples=32", "gan.num_samples=16", "data.num_workers=0", "train.batch_size=16",
-            "train.max_steps=2", "train.ckpt_every=2", "train.eval_every=2", "run.loggers=[jsonl]"]
-
-
-def vistrain(*args) -> int:
-    return cli.main([str(a) for a in args])
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+TINY_GAN = [*cli_runs.TINY_GAN, "train.max_steps=2", "train.ckpt_every=2", "train.eval_every=2"]
 
 
 @pytest.fixture

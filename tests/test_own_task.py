@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from support.cli_runs import vistrain
 from support.standin_detector import TwoHeaded, save_scripted
-from vistrain import cli
 from vistrain.config import ExperimentConfig, load_config
 from vistrain.engine.dist import DistContext
 from vistrain.engine.task import Task
@@ -22,10 +22,6 @@ from vistrain.registry import TaskSpec, make_trainer, register
 TOY = Path(__file__).resolve().parent / "support" / "toy.yaml"
 TOY_RUN = ["train.batch_size=16", "train.max_steps=4", "train.ckpt_every=2", "train.log_every=2",
            "train.eval_every=100", "data.num_workers=0", "run.loggers=[jsonl]"]
-
-
-def vistrain(*args) -> int:
-    return cli.main([str(a) for a in args])
 
 
 def test_your_own_task_trains_samples_and_is_scored(tmp_path, capsys):

@@ -12,24 +12,15 @@ import pytest
 import torch
 import yaml
 
+from support import cli_runs
+from support.cli_runs import snapshot, vistrain
 from vistrain import cli, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 GAN = REPO / "configs" / "gan" / "digits.yaml"
-TINY_GAN = ["data.resolution=16", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
-            "gan.fd_samples=32", "gan.num_samples=16", "data.num_workers=0", "train.batch_size=16",
-            "train.max_steps=4", "train.ckpt_every=2", "train.eval_every=2", "eval.metrics=[]",
-            "run.loggers=[jsonl]"]
+TINY_GAN = [*cli_runs.TINY_GAN, "train.max_steps=4", "train.ckpt_every=2", "train.eval_every=2", "eval.metrics=[]"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def vistrain(*args) -> int:
-    return cli.main([str(a) for a in args])
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

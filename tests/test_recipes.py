@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
+from support.cli_runs import vistrain
 from support.standin_detector import TwoHeaded, save_scripted
-from vistrain import cli
 from vistrain.config import load_config
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.models.vqvae import VQVAE, VQVAEConfig
@@ -47,10 +47,6 @@ BATCH = 4
 TOKENIZER = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, patch_nums=[1, 2, 4])
 TOKENIZER_RESOLUTION = 16
 VISION_TILE = 32
-
-
-def vistrain(*args) -> int:
-    return cli.main([str(a) for a in args])
 
 
 # ------------------------------------------------------------------------------------------ stand-ins

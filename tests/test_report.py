@@ -14,27 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vistrain import cli
+from support import cli_runs
+from support.cli_runs import snapshot, vistrain
 
 REPO = Path(__file__).resolve().parents[1]
 GAN = REPO / "configs" / "gan" / "digits.yaml"
 # two evals (steps 2 and 4), so every eval curve has two points and there are two sample grids
-TINY_GAN = ["data.resolution=16", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
-            "gan.fd_samples=32", "gan.num_samples=16", "data.num_workers=0", "train.batch_size=16",
-            "train.max_steps=4", "train.ckpt_every=2", "train.eval_every=2", "train.log_every=1", "eval.metrics=[]",
-            "run.loggers=[jsonl]"]
+TINY_GAN = [*cli_runs.TINY_GAN, "train.max_steps=4", "train.ckpt_every=2", "train.eval_every=2",
+            "train.log_every=1", "eval.metrics=[]"]
 CHROMIUM = shutil.which("chromium")
 TRAIN_BLUE, VAL_RED = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)  # report.SPLIT_COLORS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def vistrain(*args) -> int:
-    return cli.main([str(a) for a in args])
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vistrain import cli
+from support.cli_runs import vistrain
 from vistrain.config import load_config
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.engine.dist import DistContext
@@ -28,10 +28,6 @@ TINY_VQVAE = [*TINY_DATA, "model.ch=32", "model.ch_mult=[1,2,2]", "model.num_res
 TINY_VAR = [*TINY_DATA, "model.depth=2", "model.vocab_size=64", "model.z_channels=8", "model.patch_nums=[1,2,4]",
             "var.num_samples=4", "var.val_images=32", "var.sample_top_k=0", "var.sample_top_p=0.0", "eval.metrics=[judge]",
             "eval.num_samples=50"]
-
-
-def vistrain(*args) -> int:
-    return cli.main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
