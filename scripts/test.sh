@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install everything the tests need into ./.venv, then run the whole suite (CPU only, about 6 minutes).
+# Install everything the tests need into ./.venv, then run the whole suite (CPU only: about 11 minutes;
+# `scripts/test.sh -m "not slow"` about 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
