@@ -2,8 +2,8 @@
 
 The same CNN classifier, the same digits batches from the same stream, the same AdamW: once in a bare
 PyTorch loop (zero_grad, forward, backward, step) and once through `vistrain.engine.Trainer` (schedules,
-metrics, count normalisation, grad-norm, the shared non-finite check, phases). Rounds alternate between the two so that machine noise hits
-both alike; the table reports the median step time of each and their ratio.
+metrics, count normalisation, grad-norm, the shared non-finite check, phases). Rounds alternate between the
+two so that machine noise hits both alike; the table reports the median step time of each and their ratio.
 
     python benchmarks/engine_overhead.py [--steps 150] [--rounds 3] [--batch 64] [--width 64]
 """

@@ -377,7 +377,8 @@ def summary_line(s: dict) -> str:
         return "engine/bare: n/a (no case measured)"
     f = s["fastest"]
     over_eager = f", {f['over_eager']:.2f}x eager" if f["over_eager"] is not None else ""
-    return (f"engine/bare: {s['engine_over_bare']:.2f} (lowest of {s['cases']} cases); fastest at {f['resolution']} px: "
+    return (f"engine/bare: {s['engine_over_bare']:.2f} (lowest of {s['cases']} cases); "
+            f"fastest at {f['resolution']} px: "
             f"{f['variant']}, {f['images_per_s']:,.0f} images/s through the engine{over_eager}")
 
 

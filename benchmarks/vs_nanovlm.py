@@ -275,7 +275,7 @@ def flops_per_token(shape: Shape) -> float:
 
 def flops_per_tile(shape: Shape) -> float:
     """The vision tower and the projector, the same count per patch: 6N + 12 L D P for P patches of a tile."""
-    from vistrain.models.vit import ViTConfig, VisionTransformer
+    from vistrain.models.vit import VisionTransformer, ViTConfig
 
     with torch.device("meta"):
         vit = VisionTransformer(ViTConfig(image_size=shape.tile, patch_size=shape.patch, hidden_size=shape.vit_hidden,
@@ -576,8 +576,8 @@ def print_tables(results: list[dict], device_name: str) -> list[float]:
                  f"{res['precision']}, compile {res['compile']})")
         for side, m in train.items():
             print(f"| {label} | {side} | {m['tokens_per_s']:,.0f} | {m['ms_per_step']:,.0f} | "
-                  f"{m['tokens_per_step']:,.0f} | {m['tiles_per_1k_tokens']:.1f} | {fmt(m['peak_memory_mb'], ',.0f')} | "
-                  f"{percent(m['mfu'])} | {percent(m['mfu_both_towers'])} |")
+                  f"{m['tokens_per_step']:,.0f} | {m['tiles_per_1k_tokens']:.1f} | "
+                  f"{fmt(m['peak_memory_mb'], ',.0f')} | {percent(m['mfu'])} | {percent(m['mfu_both_towers'])} |")
         if "nanoVLM" in train:
             ratio = train["vistrain"]["tokens_per_s"] / train["nanoVLM"]["tokens_per_s"]
             ratios.append(ratio)
@@ -623,7 +623,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.rounds = args.rounds or (2 if device.type == "cuda" else 3)
-    names = {"gpu": ["222m", "460m"]}.get(args.shape or ("gpu" if device.type == "cuda" else "cpu"), [args.shape or "cpu"])
+    names = {"gpu": ["222m", "460m"]}.get(args.shape or ("gpu" if device.type == "cuda" else "cpu"),
+                                          [args.shape or "cpu"])
     shapes = [SHAPES[n] if args.steps is None else dataclasses.replace(SHAPES[n], steps=args.steps) for n in names]
     nanovlm = NanoVLM(args.ref.resolve()) if args.ref is not None else None
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"

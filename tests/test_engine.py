@@ -42,7 +42,8 @@ def test_resume_from_middle_checkpoint_is_bit_identical(tmp_path):
     assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
     # and a run that skipped nothing differs from one that resumed with the wrong state
     make_trainer(toy_config(tmp_path / "c", "run.seed=1"), CPU).fit()
-    assert not torch.equal(final_weights(tmp_path / "a")["net.inp.weight"], final_weights(tmp_path / "c")["net.inp.weight"])
+    assert not torch.equal(final_weights(tmp_path / "a")["net.inp.weight"],
+                           final_weights(tmp_path / "c")["net.inp.weight"])
 
 
 def test_a_parameter_that_never_had_a_gradient_resumes_exactly(tmp_path):
@@ -160,7 +161,8 @@ def test_random_seed_is_drawn_recorded_and_kept_on_resume(tmp_path):
 
 
 def test_profile_writes_a_trace_of_the_requested_steps(tmp_path):
-    make_trainer(toy_config(tmp_path, "train.profile=true", "train.profile_start=2", "train.profile_steps=3"), CPU).fit()
+    make_trainer(toy_config(tmp_path, "train.profile=true", "train.profile_start=2", "train.profile_steps=3"),
+                 CPU).fit()
     traces = list((tmp_path / "profile").glob("*.json"))
     assert [t.name for t in traces] == ["trace_rank0_steps2-5.json"]
     assert traces[0].stat().st_size > 1000

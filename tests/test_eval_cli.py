@@ -14,7 +14,6 @@ from PIL import Image
 from support.cli_runs import vistrain
 from support.standin_detector import TwoHeaded, save_scripted
 from test_var_task import TINY_VQVAE
-
 from vistrain.cli.evaluate import eval_command
 from vistrain.config import load_config
 from vistrain.engine.dist import DistContext
@@ -155,7 +154,8 @@ def test_in_loop_metrics_of_two_ranks_equal_one_rank(tmp_path, digits_folder, de
     assert trainer.task.best_metric == ("fid", "min")  # the first of fid, fd_judge, ... that the metrics give
     one = trainer.task.evaluate(0).metrics
     assert {"fd_judge", "class_acc", "is_judge", "fid", "kid_mean", "fd_pixels"} <= set(one)
-    torch.multiprocessing.spawn(_in_loop_eval_rank, args=(2, str(tmp_path), [*overrides, f"run.out_dir={tmp_path / 'two'}"]),
+    torch.multiprocessing.spawn(_in_loop_eval_rank,
+                                args=(2, str(tmp_path), [*overrides, f"run.out_dir={tmp_path / 'two'}"]),
                                 nprocs=2, join=True)
     two = json.loads((tmp_path / "two.json").read_text())
     assert two.keys() == one.keys()

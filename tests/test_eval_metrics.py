@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from support.standin_detector import TwoHeaded, save_scripted
 from torch import Tensor, nn
 
+from support.standin_detector import TwoHeaded, save_scripted
 from vistrain.engine.dist import DistContext
 from vistrain.errors import ConfigError
 from vistrain.eval import detector as detector_mod

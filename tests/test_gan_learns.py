@@ -67,9 +67,10 @@ def test_the_judge_refuses_other_data_and_without_eval_metrics_best_is_fd_pixels
     for i in range(24):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     overrides = [
-        f"run.out_dir={tmp_path / 'run'}", "run.loggers=[]", "data.name=image_folder", f"data.root={tmp_path / 'images'}",
-        "data.channels=3", "data.resolution=16", "data.num_workers=0", "train.batch_size=8",
-        "model.generator.base_channels=8", "model.discriminator.base_channels=8", "gan.fd_samples=16",
+        f"run.out_dir={tmp_path / 'run'}", "run.loggers=[]", "data.name=image_folder",
+        f"data.root={tmp_path / 'images'}", "data.channels=3", "data.resolution=16", "data.num_workers=0",
+        "train.batch_size=8", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
+        "gan.fd_samples=16",
     ]
     cpu = DistContext(0, 1, 0, torch.device("cpu"))
     with pytest.raises(ConfigError, match="only knows digits"):  # digits.yaml asks for the judge

@@ -20,7 +20,8 @@ def _softplus(v: float) -> float:
 EXPECTED_D = {
     # relu(1 - real) = [0, .5, 2]; relu(1 + fake) = [0, 1, 2.5]
     "hinge": 2.5 / 3 + 3.5 / 3,
-    "non_saturating": sum(_softplus(-r) for r in (2.0, 0.5, -1.0)) / 3 + sum(_softplus(f) for f in (-2.0, 0.0, 1.5)) / 3,
+    "non_saturating": (sum(_softplus(-r) for r in (2.0, 0.5, -1.0)) / 3
+                       + sum(_softplus(f) for f in (-2.0, 0.0, 1.5)) / 3),
     # (real - 1)^2 = [1, .25, 4]; fake^2 = [4, 0, 2.25]
     "least_squares": 0.5 * (5.25 / 3 + 6.25 / 3),
     "wasserstein": (-0.5 / 3) - (1.5 / 3),

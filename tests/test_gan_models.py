@@ -25,7 +25,8 @@ NUM_CLASSES = 10
 
 
 def _pair(name: str, res: int, channels: int = 1, num_classes: int = 0, base: int = 8, g_sn: bool = False):
-    G = build_generator(GeneratorConfig(name=name, z_dim=16, base_channels=base, spectral_norm=g_sn), res, channels, num_classes)
+    G = build_generator(GeneratorConfig(name=name, z_dim=16, base_channels=base, spectral_norm=g_sn),
+                        res, channels, num_classes)
     D = build_discriminator(DiscriminatorConfig(name=name, base_channels=base), res, channels, num_classes)
     return G, D
 

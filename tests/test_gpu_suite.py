@@ -72,7 +72,8 @@ def test_a_step_that_timed_out_or_failed_gets_a_row_and_its_log(suite_table, tmp
 def test_the_cases_a_stopped_gan_step_had_measured_stay_in_the_table(suite_table, tmp_path):
     (tmp_path / "steps.tsv").write_text("gan\tgan_step.py\t124\t120\t120\n")
     measured = [{"resolution": 128, "batch": 64, "variant": "eager", "side": side, "images_per_s": rate,
-                 "ms_per_iteration": 64e3 / rate, "peak_mib": 900.0} for side, rate in (("bare", 800.0), ("engine", 760.0))]
+                 "ms_per_iteration": 64e3 / rate, "peak_mib": 900.0}
+                for side, rate in (("bare", 800.0), ("engine", 760.0))]
     (tmp_path / "gan.json").write_text(json.dumps({"rows": measured, "skipped": None, "complete": False}))
     rows, steps = suite_table.collect(tmp_path)
     assert [(r["case"], r["ratio"]) for r in rows] == [("ResNet GAN iteration, 128 px, batch 64, eager", 0.95)]

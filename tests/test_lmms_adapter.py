@@ -21,9 +21,9 @@ pytest.importorskip("lmms_eval.api.model", reason="lmms-eval is not installed (p
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.api.model import lmms  # noqa: E402
 
+from vistrain import lmms as adapter  # noqa: E402
 from vistrain.data.vqa import IGNORE_INDEX, VQAEncoder, train_tokenizer  # noqa: E402
 from vistrain.data.vqa_images import ImageProcessor  # noqa: E402
-from vistrain import lmms as adapter  # noqa: E402
 from vistrain.models.llama import LlamaConfig  # noqa: E402
 from vistrain.models.vit import ViTConfig  # noqa: E402
 from vistrain.models.vlm import VisionLanguageModel, VLMConfig  # noqa: E402

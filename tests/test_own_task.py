@@ -1,6 +1,6 @@
-"""A task of your own, written as README's "Your own task" shows (tests/support/toy_task.py is one), works with every verb
-its capabilities allow -- train, sample, eval -- without a change anywhere in vistrain; a verb it lacks, or an
-attribute its class forgot, is named."""
+"""A task of your own, written as README's "Your own task" shows (tests/support/toy_task.py is one), works with
+every verb its capabilities allow -- train, sample, eval -- without a change anywhere in vistrain; a verb it
+lacks, or an attribute its class forgot, is named."""
 
 import json
 from dataclasses import dataclass

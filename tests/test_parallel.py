@@ -139,8 +139,8 @@ def test_fsdp_checkpoint_of_one_rank_resumes_on_two(tmp_path, subprocess_env):
 @pytest.mark.slow
 def test_fsdp_accumulation_reduces_gradients_once_per_step(tmp_path, subprocess_env):
     steps, accumulation, fsdp_groups = 3, 4, 3  # the MLP's two blocks and its root are sharded separately
-    torchrun([str(TESTS / "support" / "engine_checks.py"), "reductions", str(tmp_path), *TOY, f"train.max_steps={steps}",
-              "train.micro_batch_size=2", "train.parallel=fsdp"], subprocess_env)
+    torchrun([str(TESTS / "support" / "engine_checks.py"), "reductions", str(tmp_path), *TOY,
+              f"train.max_steps={steps}", "train.micro_batch_size=2", "train.parallel=fsdp"], subprocess_env)
     for rank in range(2):
         counted = json.loads((tmp_path / f"reductions_rank{rank}.json").read_text())["reduce_scatters"]
         assert counted == steps * fsdp_groups, f"{counted} reduce-scatters for {steps} steps x {accumulation} micro"

@@ -144,8 +144,8 @@ def rehearsal_overrides(recipe: str, stand_ins: dict, world_size: int) -> list[s
         overrides += ["vlm.max_new_tokens=4"]
         if cfg.model.vision_from is not None or cfg.data.name == "vqa":  # a recipe built on pretrained towers
             vision, lm = _hf_folders(stand_ins["root"])
-            overrides += [f"model.vision_from={vision}", f"model.lm_from={lm}", f"data.max_image_size={2 * VISION_TILE}",
-                          "data.val_size=8"]
+            overrides += [f"model.vision_from={vision}", f"model.lm_from={lm}",
+                          f"data.max_image_size={2 * VISION_TILE}", "data.val_size=8"]
         if cfg.data.name == "vqa":
             train, val = _vqa_sources(stand_ins["root"])
             overrides += [f"data.sources={train}", f"data.val_sources={val}"]

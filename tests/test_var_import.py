@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import var_golden as golden
 import vistrain.models.var as var_module
+from support import var_golden as golden
 from vistrain.cli import main
 from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.tasks.var import load_transformer
@@ -88,7 +88,8 @@ def test_import_reads_the_architecture_from_the_shapes(imported) -> None:
     assert config["task"] == "var" and config["tokenizer"] is None
     model = config["model"]
     assert {k: model[k] for k in ("depth", "num_classes", "vocab_size", "z_channels", "patch_nums", "shared_aln")} == {
-        "depth": 2, "num_classes": 10, "vocab_size": 64, "z_channels": 8, "patch_nums": [1, 2, 3, 4], "shared_aln": False,
+        "depth": 2, "num_classes": 10, "vocab_size": 64, "z_channels": 8, "patch_nums": [1, 2, 3, 4],
+        "shared_aln": False,
     }
     vae = config["vae"]
     assert {k: vae[k] for k in ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "in_channels",

@@ -26,8 +26,8 @@ TINY_VQVAE = [*TINY_DATA, "model.ch=32", "model.ch_mult=[1,2,2]", "model.num_res
               "model.z_channels=8", "model.patch_nums=[1,2,4]", "vqvae.num_samples=4", "vqvae.val_images=32",
               "vqvae.restart_every=5"]
 TINY_VAR = [*TINY_DATA, "model.depth=2", "model.vocab_size=64", "model.z_channels=8", "model.patch_nums=[1,2,4]",
-            "var.num_samples=4", "var.val_images=32", "var.sample_top_k=0", "var.sample_top_p=0.0", "eval.metrics=[judge]",
-            "eval.num_samples=50"]
+            "var.num_samples=4", "var.val_images=32", "var.sample_top_k=0", "var.sample_top_p=0.0",
+            "eval.metrics=[judge]", "eval.num_samples=50"]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ datasets = pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
 from test_faults import snapshot, vistrain  # noqa: E402
-
 from vistrain.data.loader import MicroBatchStream  # noqa: E402
 from vistrain.data.vqa import (  # noqa: E402
     UNREADABLE,

@@ -175,4 +175,5 @@ def test_a_streaming_source_trains_until_it_runs_out_and_says_so(tmp_path, capsy
     out = capsys.readouterr().out
     assert "the training data ran out after step" in out
     steps = int(out.split("ran out after step ")[1].split(";")[0])
-    assert 0 < steps < 1000 and ckpt_lib.latest_checkpoint(tmp_path / "run" / "checkpoints").name.endswith(f"{steps:08d}")
+    assert 0 < steps < 1000
+    assert ckpt_lib.latest_checkpoint(tmp_path / "run" / "checkpoints").name.endswith(f"{steps:08d}")

@@ -10,9 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-datasets = pytest.importorskip("datasets")
-pytest.importorskip("transformers")
-
 from vistrain.data.loader import MicroBatchStream
 from vistrain.data.vqa import (
     DIGITS_QUESTIONS,
@@ -40,6 +37,9 @@ from vistrain.data.vqa import (
     vqa_special_tokens,
     vqa_texts,
 )
+
+datasets = pytest.importorskip("datasets")
+pytest.importorskip("transformers")
 
 T = 4  # image tokens per tile in these tests (a 32 px tile, patch 8, pixel shuffle 2)
 TILE = 32

@@ -58,7 +58,10 @@ def test_state_dict_has_the_official_keys_shapes_and_parameter_count() -> None:
     got = [(k, tuple(v.shape)) for k, v in vae.state_dict().items()]
     assert got == expected  # same names, shapes and even order
     assert not list(vae.buffers())
-    count = lambda m: sum(p.numel() for p in m.parameters())
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     assert count(vae) == 108_948_355
     assert (count(vae.encoder), count(vae.decoder), count(vae.quantize)) == (44_107_872, 64_653_923, 168_064)
     assert vae.resolution == 256 and vae.downsample_factor == 16
@@ -190,7 +193,8 @@ def test_var_input_is_the_area_downsampled_cumulative_fhat_of_the_next_scale() -
     with torch.no_grad():
         idx, fhats = q.f_to_idx_and_fhats(f)
         var_in = q.idx_to_var_input(idx)
-        pieces = [F.adaptive_avg_pool2d(fhats[si], PNS[si + 1]).flatten(2).transpose(1, 2) for si in range(len(PNS) - 1)]
+        pieces = [F.adaptive_avg_pool2d(fhats[si], PNS[si + 1]).flatten(2).transpose(1, 2)
+                  for si in range(len(PNS) - 1)]
         expected = torch.cat(pieces, dim=1)
     L = sum(pn * pn for pn in PNS)
     assert var_in.shape == (2, L - 1, 4) and var_in.dtype == torch.float32

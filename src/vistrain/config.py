@@ -26,7 +26,8 @@ from omegaconf import errors as oc_errors
 from vistrain.data.data_config import DataConfig
 from vistrain.engine import config_sections as engine_config
 from vistrain.engine.config_sections import EvalConfig, RunConfig, TrainConfig
-from vistrain.engine.optim import OptimConfig, validate as validate_optim
+from vistrain.engine.optim import OptimConfig
+from vistrain.engine.optim import validate as validate_optim
 from vistrain.errors import ConfigError
 from vistrain.outpaths import check_path_length
 from vistrain.registry import get_spec
@@ -60,7 +61,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
     try:
         cfg = OmegaConf.to_object(merged)
     except oc_errors.MissingMandatoryValue as e:
-        raise ConfigError(f"config key {e.full_key!r} has no value: set it in the YAML or as {e.full_key}=...") from None
+        raise ConfigError(f"config key {e.full_key!r} has no value: "
+                          f"set it in the YAML or as {e.full_key}=...") from None
     validate(cfg)
     return cfg
 

@@ -327,10 +327,10 @@ def run_lmms_eval(folder: str | Path, tasks: str | Sequence[str], out_json: str 
                   device: Optional[str] = None, limit: Optional[int | float] = None) -> dict:
     """Run lmms-eval tasks (names, or one comma-separated string) on a VLM checkpoint, model, run or checkpoints
     folder, and write {"step", "checkpoint", "metrics": {task/metric: value}, "tasks", "limit"} to out_json
-    (step is None for a model folder; no file when out_json is None: `vistrain eval` writes its own). `limit` (a count, or a fraction below 1) is for smoke runs: results on a
-    limited run are not the benchmark's. Returns what was written. Raises LmmsEvalMissing when lmms-eval's
-    evaluator cannot be imported (the adapter alone installs with --no-deps; the evaluator needs the full
-    install)."""
+    (step is None for a model folder; no file when out_json is None: `vistrain eval` writes its own). `limit`
+    (a count, or a fraction below 1) is for smoke runs: results on a limited run are not the benchmark's.
+    Returns what was written. Raises LmmsEvalMissing when lmms-eval's evaluator cannot be imported (the
+    adapter alone installs with --no-deps; the evaluator needs the full install)."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not names:
         raise ValueError("no lmms-eval task given (e.g. mmstar,mmmu_val)")

@@ -1,7 +1,7 @@
-"""`python tests/support/kill_at_step.py K ARGS...` runs `vistrain ARGS...` and SIGKILLs itself when training is about to
-start step K + 1: after step K's checkpoint is on disk (an async save is waited for) and after its eval. The kill
-lands at a moment fixed by construction, not by a timer. Works under torchrun too (every rank kills itself at the
-same step, and torchrun then ends the job).
+"""`python tests/support/kill_at_step.py K ARGS...` runs `vistrain ARGS...` and SIGKILLs itself when training is
+about to start step K + 1: after step K's checkpoint is on disk (an async save is waited for) and after its eval.
+The kill lands at a moment fixed by construction, not by a timer. Works under torchrun too (every rank kills
+itself at the same step, and torchrun then ends the job).
 """
 
 from __future__ import annotations

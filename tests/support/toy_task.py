@@ -93,7 +93,8 @@ class ToyTask(Task):
     def __init__(self, cfg: Config, env: TaskEnv):
         self.cfg, self.env = cfg, env
         self.train_set = PairsDataset()
-        self.nets = {"net": MLP(width=cfg.toy.width, dropout=cfg.toy.dropout, unused=cfg.toy.unused_param).to(env.dist.device)}
+        self.nets = {"net": MLP(width=cfg.toy.width, dropout=cfg.toy.dropout,
+                                unused=cfg.toy.unused_param).to(env.dist.device)}
         self.trainable = ("net",)
         if cfg.toy.teacher:  # as if loaded from its own run: fixed weights, whatever the run's seed
             teacher = nn.Linear(8, 1).requires_grad_(False)

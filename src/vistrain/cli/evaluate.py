@@ -24,7 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from vistrain.cli.common import add_source, add_task_options, comma_list, fail, find_source, source_message, task_options
+from vistrain.cli.common import (
+    add_source,
+    add_task_options,
+    comma_list,
+    fail,
+    find_source,
+    source_message,
+    task_options,
+)
 
 NAME = "eval"
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from vistrain.cachedir import default_cache_dir
+from vistrain.data.data_config import VQASource
 from vistrain.data.digits import _split_indices
 from vistrain.data.packing import (
     IGNORE_INDEX,
@@ -78,7 +79,6 @@ from vistrain.data.vqa_text import (
     turn_problem,
     vqa_special_tokens,
 )
-from vistrain.data.data_config import VQASource
 from vistrain.durable import AtomicFile
 
 __all__ = [

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vistrain.engine.schedule import ScheduleConfig, lr_factor, validate as validate_schedule, weight_decay_at
+from vistrain.engine.schedule import ScheduleConfig, lr_factor, weight_decay_at
+from vistrain.engine.schedule import validate as validate_schedule
 
 __all__ = ["OptimConfig", "apply_schedule", "build_optimizer", "build_param_groups", "freeze_zero_lr", "validate"]
 

@@ -107,7 +107,8 @@ class ImageScorer:
 
     def _fewest(self, side: int) -> tuple[int, str]:
         """(the fewest images, the metric that needs them) of the generated (side 0) or reference (side 1) set."""
-        from vistrain.eval.image_metrics import MIN_IMAGES  # here: eval/image_metrics.py needs the optional `eval` extra
+        # here: eval/image_metrics.py needs the optional `eval` extra
+        from vistrain.eval.image_metrics import MIN_IMAGES
 
         needs = {**MIN_IMAGES, JUDGE: (2, 0)}
         return max(((needs[m][side], m) for m in self.metrics if m in needs), default=(0, ""))

@@ -2,8 +2,9 @@
 
 A folder of images is read once per (folder contents, detector, resolution, number of images): its features are
 cached as an .npz (mu, sigma, count and the features themselves, which KID and precision/recall need) under
-`$VISTRAIN_CACHE_DIR/fid_stats` (default ~/.cache/vistrain/fid_stats), and later calls read the cache. An .npz given directly may hold `mu`, `sigma` and
-`count` only (as published FID statistics do); it then supports FID and nothing else.
+`$VISTRAIN_CACHE_DIR/fid_stats` (default ~/.cache/vistrain/fid_stats), and later calls read the cache. An .npz
+given directly may hold `mu`, `sigma` and `count` only (as published FID statistics do); it then supports FID
+and nothing else.
 
 sigma is the unbiased covariance (divided by count - 1), as `np.cov` computes it and as the FID statistics of the
 TTUR / pytorch-fid / StyleGAN code are stored.
@@ -144,7 +145,8 @@ def reference_features(ref: str, detector: Detector, batch_size: int, cache_dir:
     """Reference statistics from an .npz file or a folder of images (searched recursively).
 
     For a folder: the first `num` images in sorted path order (all when None), cached under `cache_dir`
-    (default $VISTRAIN_CACHE_DIR/fid_stats, ~/.cache/vistrain/fid_stats without it). For an .npz: its contents, checked against the detector.
+    (default $VISTRAIN_CACHE_DIR/fid_stats, ~/.cache/vistrain/fid_stats without it). For an .npz: its contents,
+    checked against the detector.
     """
     if ref.endswith(".npz"):
         if not os.path.isfile(ref):

@@ -351,7 +351,8 @@ def llama_config_from_hf(hf_config: dict, source: str = "config.json") -> LlamaC
         raise LlamaFormatError(f"{source}: key 'model_type' is {model_type!r}; only {', '.join(LLAMA_MODEL_TYPES)} "
                                "(LlamaForCausalLM) folders can be imported as a vistrain LanguageModel")
     if hf_config.get("hidden_act", "silu") != "silu":
-        raise LlamaFormatError(f"{source}: key 'hidden_act' is {hf_config['hidden_act']!r}; the MLP here is SwiGLU (silu)")
+        raise LlamaFormatError(f"{source}: key 'hidden_act' is {hf_config['hidden_act']!r}; "
+                               "the MLP here is SwiGLU (silu)")
     for key, why in (("attention_bias", "this model's projections have no biases"),
                      ("mlp_bias", "this model's projections have no biases"),
                      ("rope_interleaved", "this model rotates halves (Llama's convention), not interleaved pairs")):

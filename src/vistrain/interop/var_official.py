@@ -159,9 +159,11 @@ def patch_nums_from_official(state: dict[str, Tensor], source: str = "--var",
     elif not fits:
         found = "no schedule fits"
     else:
-        found = "several fit: " + "; ".join(",".join(map(str, pn)) for pn in fits[:5]) + ("; ..." if len(fits) > 5 else "")
-    raise OfficialFormatError(f"{source}: cannot tell the scale schedule from {shapes} ({num_scales} scales, {L} tokens; "
-                              f"{found}); give it with --patch-nums, e.g. --patch-nums 1,2,3,4,5,6,8,10,13,16")
+        found = ("several fit: " + "; ".join(",".join(map(str, pn)) for pn in fits[:5])
+                 + ("; ..." if len(fits) > 5 else ""))
+    raise OfficialFormatError(f"{source}: cannot tell the scale schedule from {shapes} "
+                              f"({num_scales} scales, {L} tokens; {found}); "
+                              "give it with --patch-nums, e.g. --patch-nums 1,2,3,4,5,6,8,10,13,16")
 
 
 def var_config_from_official(state: dict[str, Tensor], source: str = "--var",

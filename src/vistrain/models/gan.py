@@ -319,7 +319,8 @@ DISCRIMINATORS: dict[str, type[nn.Module]] = {"dcgan": DCGANDiscriminator, "resn
 def build_generator(cfg: GeneratorConfig, resolution: int, channels: int, num_classes: int) -> nn.Module:
     """Build the generator named by `cfg.name` for images of `channels` x `resolution`^2."""
     if cfg.name not in GENERATORS:
-        raise ValueError(f"unknown generator name {cfg.name!r}; registered generators: {', '.join(sorted(GENERATORS))}.")
+        raise ValueError(f"unknown generator name {cfg.name!r}; "
+                         f"registered generators: {', '.join(sorted(GENERATORS))}.")
     return GENERATORS[cfg.name](cfg, resolution, channels, num_classes)
 
 

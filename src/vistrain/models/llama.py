@@ -94,9 +94,11 @@ class LlamaConfig:
         if self.num_heads % self.num_kv_heads:
             raise bad("num_kv_heads", f"a divisor of num_heads ({self.num_heads})")
         if not is_int(self.head_dim) or self.head_dim < 0 or self.head_dim % 2:
-            raise bad("head_dim", "an even integer >= 2 (rotary embeddings rotate pairs), or 0 for hidden_size // num_heads")
+            raise bad("head_dim",
+                      "an even integer >= 2 (rotary embeddings rotate pairs), or 0 for hidden_size // num_heads")
         if self.head_dim == 0 and (self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2):
-            raise bad("hidden_size", f"a multiple of num_heads ({self.num_heads}) with an even quotient when head_dim is 0")
+            raise bad("hidden_size",
+                      f"a multiple of num_heads ({self.num_heads}) with an even quotient when head_dim is 0")
         if not (isinstance(self.rope_theta, (int, float)) and 0 < self.rope_theta < math.inf):
             raise bad("rope_theta", "a finite number > 0")
         if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < math.inf):
@@ -463,12 +465,14 @@ class LanguageModel(nn.Module):
         B, T, _ = x_BTD.shape
         if position_ids_BT is not None and (position_ids_BT.dim() != 2 or position_ids_BT.shape[1] != T
                                             or position_ids_BT.shape[0] not in (1, B)):
-            raise ValueError(f"LanguageModel: position_ids_BT must have shape {(B, T)}, got {tuple(position_ids_BT.shape)}.")
+            raise ValueError(f"LanguageModel: position_ids_BT must have shape {(B, T)}, "
+                             f"got {tuple(position_ids_BT.shape)}.")
         if kv_cache is not None:
             if doc_ids_BT is not None:
                 raise ValueError("LanguageModel: doc_ids_BT (packed rows) cannot be used with a kv_cache.")
             if kv_cache.length + T > kv_cache.capacity:
-                raise ValueError(f"KVCache: {kv_cache.length + T} tokens do not fit its capacity of {kv_cache.capacity}.")
+                raise ValueError(f"KVCache: {kv_cache.length + T} tokens do not fit "
+                                 f"its capacity of {kv_cache.capacity}.")
             h_BTD = self._cached_pass(x_BTD, kv_cache, position_ids_BT)
             kv_cache.advance(T)
             return h_BTD

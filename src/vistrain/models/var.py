@@ -155,10 +155,10 @@ def sample_top_k_top_p(
     One torch.multinomial call for all B*l rows (so a seeded generator gives the same draws as the original).
     num_samples < 0 draws |num_samples| without replacement. top_k=1 is greedy, but still consumes the RNG.
     """
-    B, l, V = logits_BlV.shape
+    B, length, V = logits_BlV.shape
     probs_NV = top_k_top_p_filter(logits_BlV, top_k, top_p).softmax(dim=-1).view(-1, V)
     idx_Nn = torch.multinomial(probs_NV, abs(num_samples), replacement=num_samples >= 0, generator=generator)
-    return idx_Nn.view(B, l, abs(num_samples))
+    return idx_Nn.view(B, length, abs(num_samples))
 
 
 def _gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None) -> Tensor:

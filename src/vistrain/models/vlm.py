@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vistrain.models.llama import LanguageModel, LlamaConfig
-from vistrain.models.vit import ViTConfig, VisionTransformer
+from vistrain.models.vit import VisionTransformer, ViTConfig
 
 WEIGHTS_PREFIX = "vlm."  # the network's name in vistrain's checkpoints and model folders
 

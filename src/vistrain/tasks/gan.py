@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -126,7 +126,8 @@ class GanTask(Task):
         if r1_on:
             self.phases.append(Phase("r1", optimizer="d", loss=self.r1_loss, same_data_as="d",
                                      every=gan.r1_interval))
-        self.scorer = in_loop_scorer(cfg.eval, env.dist, cfg.data.name)  # built now: a missing detector fails before step 1
+        # built now: a missing detector fails before step 1
+        self.scorer = in_loop_scorer(cfg.eval, env.dist, cfg.data.name)
         self.best_metric = default_best(cfg.eval.metrics) or ("fd_pixels", "min")
         self.images_seen = 0
         self._real_features: Optional[Tensor] = None  # fd_pixels features of the validation set
@@ -160,7 +161,8 @@ class GanTask(Task):
         both = torch.cat([self._augment(real_BCHW), self._augment(fake_BCHW)])
         both_labels = torch.cat([labels_B, labels_B]) if labels_B is not None else None
         real_logits_B, fake_logits_B = nets["D"](both, both_labels).float().chunk(2)
-        loss = self.cfg.gan.loss_weight.adversarial * discriminator_loss(self.cfg.gan.loss, real_logits_B, fake_logits_B)
+        loss = (self.cfg.gan.loss_weight.adversarial
+                * discriminator_loss(self.cfg.gan.loss, real_logits_B, fake_logits_B))
         metrics = {"d_loss": loss * B, "d_real": real_logits_B.sum(), "d_fake": fake_logits_B.sum()}
         return PhaseLoss(loss * B, count=B, metrics=metrics, samples=B)
 

@@ -155,7 +155,8 @@ class VARTask(Task):
         self.images = MicroBatchStream(train_items, StreamOrder(len(train_items), env.seed),
                                        env.micro_batch_size, dist_ctx.rank, dist_ctx.world_size, cfg.data.num_workers)
         self.phases = [Phase("main", optimizer="main", loss=self.loss, data=self.images)]
-        self.scorer = in_loop_scorer(cfg.eval, env.dist, cfg.data.name)  # built now: a missing detector fails before step 1
+        # built now: a missing detector fails before step 1
+        self.scorer = in_loop_scorer(cfg.eval, env.dist, cfg.data.name)
         self.best_metric = default_best(cfg.eval.metrics) or ("Lt", "min")
         self.ends = [sum(p * p for p in patch_nums[: i + 1]) for i in range(len(patch_nums))]  # token end per scale
         n_params = sum(p.numel() for p in var.parameters())
@@ -370,7 +371,8 @@ def _load_transformer(var: VAR, path: str) -> None:
     try:
         var.load_state_dict(own, strict=True)
     except RuntimeError as e:
-        raise ConfigError(f"var.init={path} does not fit model.* of this config: {' '.join(str(e).split())[:400]}") from None
+        raise ConfigError(f"var.init={path} does not fit model.* of this config: "
+                          f"{' '.join(str(e).split())[:400]}") from None
 
 
 def load_transformer(model_config: dict, weights: dict[str, Tensor], device: torch.device) -> VAR:

@@ -18,12 +18,12 @@ from PIL import Image
 from torch import Tensor
 
 from vistrain.data.vqa import ImageProcessor, VQAEncoder
-from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.data.vqa_text import IMAGE_LAYOUTS
+from vistrain.engine import checkpoint_files as ckpt_lib
 from vistrain.errors import ConfigError
+from vistrain.interop.smolvlm import SmolVLMFormatError, to_transformers
 from vistrain.interop.tokenizers import TOKENIZER_DIR, load_tokenizer
 from vistrain.models.vlm import VisionLanguageModel
-from vistrain.interop.smolvlm import SmolVLMFormatError, to_transformers
 from vistrain.provenance import describe
 from vistrain.tasks.capabilities import Exporter, Prompt, PromptAnswerer
 

@@ -229,7 +229,8 @@ class VQVAETask(Task):
             recon = vae.idx_to_img(idx_list)
             rec_sum += float(self._recon_per_image(recon, real).sum())
             # PSNR on [0, 1] pixels, per image, averaged
-            psnr_sum += float((10 * torch.log10(1.0 / ((recon - real) / 2).square().flatten(1).mean(1).clamp_min(1e-10))).sum())
+            mse_B = ((recon - real) / 2).square().flatten(1).mean(1)
+            psnr_sum += float((10 * torch.log10(1.0 / mse_B.clamp_min(1e-10))).sum())
             for si, idx_Bl in enumerate(idx_list):
                 counts_SV[si] += torch.bincount(idx_Bl.flatten().cpu(), minlength=V)
         vae.train(was_training)
