@@ -155,7 +155,6 @@ class Trainer:
         self.metrics = MetricAccumulator()
         self._schedule_values: dict[str, float] = {}
         self._loggers: Optional[LoggerGroup] = None  # built at the first log event: a failed start writes nothing
-        self._config_written = False
         self._stop_requested = False
         self._last_eval: Optional[tuple[int, dict]] = None
         self._drawn: dict[str, list[Any]] = {}
@@ -487,12 +486,11 @@ class Trainer:
             self.loggers.log_images(self.step, tag, grid)
 
     def save_checkpoint(self) -> Path:
-        if self.dist.is_main and not self._config_written:
+        if self.dist.is_main and "config" not in self._provenance:  # the run's first save
             # Only now: a run that never gets this far must not replace an earlier run's config.
             config = OmegaConf.structured(self.cfg)
             write_text_atomic(self.out_dir / "config.yaml", OmegaConf.to_yaml(config))
             self._provenance["config"] = OmegaConf.to_container(config)  # the same config, in provenance.json
-            self._config_written = True
         run_state = {
             "step": self.step,
             "seed": self.seed,
@@ -502,8 +500,8 @@ class Trainer:
             "nonfinite_streak": self.nonfinite_streak,
         }
         metrics = self._last_eval[1] if self._last_eval and self._last_eval[0] == self.step else None
-        assets = {**self.task.assets(), provenance.FILE: provenance.to_bytes(self._provenance)} \
-            if self.dist.is_main else None
+        assets = ({**self.task.assets(), provenance.FILE: provenance.to_bytes(self._provenance)}
+                  if self.dist.is_main else None)
         return self.checkpointer.save(self.step, run_state, self.task.model_config(), metrics,
                                       best=self.best, assets=assets)
 
