@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import shutil
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
     if task is None:
         raise ConfigError(f"{path or 'the command line'} does not say which task to run: add `task: gan`")
     schema = OmegaConf.structured(get_spec(str(task)).config)
-    merged = _merge(schema, file_cfg, source=str(path), replaced_maps=_whole_maps(schema, file_cfg))
-    given_whole = {item.split("=", 1)[0] for item in overrides}  # optim.lr_mult={} replaces, optim.lr_mult.x=1 sets x
-    replaced = [key for key in _whole_maps(merged, override_cfg) if key in given_whole]
-    merged = _merge(merged, override_cfg, source="the command line", replaced_maps=replaced)
+    merged = _merge(schema, file_cfg, source=str(path))
+    given = {item.split("=", 1)[0] for item in overrides}  # optim.lr_mult={} replaces the map, optim.lr_mult.x=1 sets x
+    merged = _merge(merged, override_cfg, source="the command line", replaceable=given.__contains__)
     try:
         cfg = OmegaConf.to_object(merged)
     except oc_errors.MissingMandatoryValue as e:
@@ -211,11 +211,13 @@ def _whole_maps(base, update, prefix: str = "") -> list[str]:
     return keys
 
 
-def _merge(base, update, source: str, replaced_maps: list[str] = ()):
+def _merge(base, update, source: str, replaceable: Callable[[str], bool] = lambda key: True):
+    """``update`` over ``base``; a map ``update`` gives whole replaces base's where ``replaceable(dotted key)``."""
     _check_sections(base, update, source)
-    if replaced_maps:
+    replaced = [key for key in _whole_maps(base, update) if replaceable(key)]
+    if replaced:
         base = copy.deepcopy(base)
-        for key in replaced_maps:
+        for key in replaced:
             OmegaConf.update(base, key, {}, merge=False)
     try:
         return OmegaConf.merge(base, update)
