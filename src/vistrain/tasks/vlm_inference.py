@@ -1,7 +1,7 @@
 """A VLM's folder put to use: a checkpoint or model folder found and read back (model, tokenizer, how it processes
 images and prompts -- also for a run that fine-tunes it), answers generated from it, and its export to
-transformers. What `vistrain generate`, `vistrain
-export` and the lmms-eval adapter (lmms.py) use, without the training task (tasks/vlm.py).
+transformers. What `vistrain generate`, `vistrain export` and the lmms-eval adapter (lmms.py) use, without the
+training task (tasks/vlm.py).
 
 A folder says how its images and prompts are processed in config.json: `max_image_size`, `image_layout`,
 `image_resize`, `image_labels`, `chat_template` and `eos_token` (models imported from nanoVLM or SmolVLM keep
