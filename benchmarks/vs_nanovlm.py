@@ -57,6 +57,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from vistrain.engine.meters import device_peak_tflops, peak_memory_mb
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "configs" / "vlm"  # nanovlm_460m.yaml for the 460m shape, nanovlm_222m.yaml for the others
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # SmolLM2's first three ids
@@ -254,10 +256,6 @@ def reset_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_mb(device: torch.device) -> Optional[float]:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def flops_per_token(shape: Shape) -> float:
@@ -519,11 +517,7 @@ def measure_shape(shape: Shape, args: argparse.Namespace, nanovlm: Optional[Nano
                 theirs.extend(nanovlm.round(shape, stand_ins, device, precision, workers))
             print(f"[{shape.name}] round {r + 1}/{args.rounds}: vistrain {ours.ms_per_step:.0f} ms/step"
                   + (f", nanoVLM {theirs.ms_per_step:.0f} ms/step" if nanovlm is not None else ""), flush=True)
-        peak_tflops = None
-        if device.type == "cuda":
-            from vistrain.engine.meters import device_peak_tflops
-
-            peak_tflops = device_peak_tflops(device, precision)
+        peak_tflops = device_peak_tflops(device, precision)  # None on a CPU
         lm_flops, tile_flops = flops_per_token(shape), flops_per_tile(shape)
 
         def mfu(flops: float, rate: float) -> Optional[float]:
