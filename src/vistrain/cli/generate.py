@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from vistrain.cli.common import add_source, fail, source_message
+from vistrain.cli.common import add_source, fail, find_source, source_message
 
 NAME = "generate"
 
@@ -28,7 +28,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     # imported here: CLI start-up (see cli/__init__.py)
-    from vistrain.cli.common import find_source
     from vistrain.engine.checkpoint_files import CheckpointError
     from vistrain.engine.dist import pick_device
     from vistrain.errors import ConfigError

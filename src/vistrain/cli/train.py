@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from vistrain.cli.common import fail
+from vistrain.cli.evaluate import eval_command
 
 NAME = "train"
 
@@ -34,7 +35,6 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
 
 def train(config: str, overrides: list[str], smoke: bool = False) -> int:
     # imported here: CLI start-up (see cli/__init__.py)
-    from vistrain.cli.evaluate import eval_command
     from vistrain.config import load_config
     from vistrain.engine.checkpoint_files import CheckpointError
     from vistrain.engine.dist import init_distributed, shutdown
