@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-WHICH_HELP = "for a run folder: which checkpoint"
-
 
 def fail(message: str, status: int, prefix: str = "") -> int:
     """Print `vistrain: error: message` on stderr and return `status` (2: bad arguments, 1: could not go on)."""
@@ -16,10 +14,11 @@ def fail(message: str, status: int, prefix: str = "") -> int:
     return status
 
 
-def add_source(parser: argparse.ArgumentParser, which_default: str = "latest", what: str = "") -> None:
+def add_source(parser: argparse.ArgumentParser, what: str = "") -> None:
     """The SOURCE argument and --which that most verbs take."""
     parser.add_argument("source", help=what or "a run folder (its latest checkpoint), a checkpoint or a model folder")
-    parser.add_argument("--which", choices=("latest", "best"), default=which_default, help=WHICH_HELP)
+    parser.add_argument("--which", choices=("latest", "best"), default="latest",
+                        help="for a run folder: which checkpoint")
 
 
 def find_source(source: str, which: str) -> tuple[Path, dict, Any]:
