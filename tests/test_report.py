@@ -23,7 +23,7 @@ GAN = REPO / "configs" / "gan" / "digits.yaml"
 TINY_GAN = [*cli_runs.TINY_GAN, "train.max_steps=4", "train.ckpt_every=2", "train.eval_every=2",
             "train.log_every=1", "eval.metrics=[]"]
 CHROMIUM = shutil.which("chromium")
-TRAIN_BLUE, VAL_RED = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)  # report.SPLIT_COLORS
+TRAIN_BLUE, VAL_RED = (0x1F, 0x77, 0xB4), (0xD6, 0x27, 0x28)  # html_report.SPLIT_COLORS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

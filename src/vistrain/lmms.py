@@ -17,7 +17,7 @@ The images are `doc_to_visual(self.task_dict[task][split][doc_id])` (the evaluat
 `multiple_choice` it is the choice's text, a string with its leading delimiter (" A"). This adapter answers
 the first two and refuses the third (multi-round tasks are not supported).
 
-Every request becomes the prompt `vistrain generate` builds (tasks/vlm.py: `load_for_generation`,
+Every request becomes the prompt `vistrain generate` builds (tasks/vlm_inference.py: `load_for_generation`,
 `encode_question`, `answer_ids`, `decode_answer`): the images in the order the task gives them, then the
 context, as one ChatML user turn up to the assistant header, with the folder's own image processing. gen_kwargs
 honoured: max_new_tokens, temperature (0, or do_sample=False: greedy), top_p, top_k and until (the answer is
